@@ -120,6 +120,8 @@ class LogConfig:
     wandb_project: str = "swiftdist"
     wandb_mode: str = "offline"
     """offline (default: no network needed), online or disabled."""
+    log_samples: bool = False
+    """Append each step's sample ids to samples-rank{R}.jsonl (to audit data order and resume)."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes for GPUs and warns
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if world == 1 and "MASTER_ADDR" not in os.environ:
@@ -61,6 +63,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
 
 def setup_logging(rank: int) -> None:
     """Readable logs on rank 0; other ranks speak only for warnings and errors."""
+    # Library deprecation notices are for library authors, not for people reading a training log.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     level = logging.INFO if rank == 0 else logging.WARNING
     fmt = "[%(asctime)s] %(message)s" if rank == 0 else f"[rank{rank}] %(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)

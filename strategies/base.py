@@ -1,0 +1,145 @@
+"""The strategy contract: everything that differs between DDP, FSDP2, DeepSpeed and Megatron.
+
+A strategy turns a plain HF/peft model into a parallelised one and owns its optimizer, its
+backward/step/clip verbs and its checkpoint format. The trainer calls only these verbs and never
+asks which strategy is running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+
+from swiftdist.config import RunConfig
+from swiftdist.distributed import DistInfo
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, cfg: RunConfig, dist: DistInfo, precision: str):
+        self.cfg, self.dist, self.precision = cfg, dist, precision
+        self.model: torch.nn.Module | None = None  # the parallelised model, set by wrap()
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # ---- what is possible -------------------------------------------------------------------
+
+    @classmethod
+    def refusal(cls, cfg: RunConfig, precision: str) -> str | None:
+        """Why this strategy cannot run `cfg` (train type x precision x layout), or None if it can.
+
+        Checked before any model is loaded, so an impossible combination costs nothing.
+        """
+        return None
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (model-parallel ranks share data)."""
+        return self.dist.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.dist.world_size
+
+    # ---- building -----------------------------------------------------------------------------
+
+    def model_init_context(self):
+        """Context in which the model is constructed (e.g. ZeRO-3 partitions weights as they load)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def wrap(self, model: torch.nn.Module) -> None:
+        """Parallelise `model` and build the optimizer; sets self.model and self.optimizer."""
+
+    def unwrapped(self) -> torch.nn.Module:
+        """The HF/peft module inside whatever wrapper the strategy added."""
+        return getattr(self.model, "module", self.model)
+
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def no_sync(self, is_last_micro_batch: bool):
+        """Skip the gradient all-reduce on all micro-batches but the last one of a step."""
+        return contextlib.nullcontext()
+
+    def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel replicas (in place; returned for convenience)."""
+        dist.all_reduce(tensor)
+        return tensor
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def forward_backward(self, micro_batches: list[dict], num_items: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over one step's micro-batches; returns the global token-mean loss.
+
+        `num_items` is the step's label-token count over all ranks divided by the data-parallel
+        size: every backend averages gradients over replicas, so dividing each rank's token-sum
+        by it yields the gradient of the global token-mean loss, however tokens fall across
+        ranks and micro-batches.
+        """
+        total = torch.zeros((), device=self.dist.device)
+        for i, batch in enumerate(micro_batches):
+            with self.no_sync(i == len(micro_batches) - 1), self.autocast():
+                loss = self.model(**batch, num_items_in_batch=num_items).loss
+            self.backward(loss)
+            total += loss.detach().float()
+        return self.all_reduce_dp(total) / self.dp_size
+
+    @torch.no_grad()
+    def forward_loss_sum(self, batch: dict) -> torch.Tensor:
+        """Summed token loss of one batch, without gradients (evaluation)."""
+        with self.autocast():
+            return self.model(**batch, num_items_in_batch=torch.tensor(1.0, device=self.dist.device)).loss.float()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- state --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def save(self, directory: str) -> None:
+        """Write model + optimizer state in the backend's native (sharded) format. Collective."""
+
+    @abstractmethod
+    def load(self, directory: str, saved: "TrainerState") -> None:  # noqa: F821
+        """Restore what save() wrote, resharding to the current world size where possible. Collective."""
+
+    @abstractmethod
+    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
+        """Unsharded CPU tensors on rank 0 (empty dict elsewhere), keyed as in the unwrapped model. Collective."""
+
+    @classmethod
+    def memory_estimate(cls, stats: "ModelStats", world_size: int) -> dict[str, float]:  # noqa: F821
+        """Bytes per device: params, grads, optimizer, (activations are added by the estimator)."""
+        raise NotImplementedError
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in most LLM recipes."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.train.lr,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        fused=torch.cuda.is_available() or None,
+    )

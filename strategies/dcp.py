@@ -1,0 +1,43 @@
+"""Checkpointing shared by the torch-native strategies (DDP, FSDP2) through Distributed Checkpoint.
+
+DCP stores each rank's shards plus global metadata and reshards on load, so a checkpoint written
+by 2 ranks loads on 1 or 3, and one written under FSDP loads under DDP (the state-dict helpers
+strip the wrappers' prefixes, so keys are the plain model's).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from swiftdist.strategies.base import Strategy
+
+
+class DCPStrategy(Strategy):
+    # Frozen base weights are not saved: they come back from the model path on resume, which keeps
+    # LoRA checkpoints a few MB instead of the whole model.
+    _options = StateDictOptions(ignore_frozen_params=True)
+
+    def save(self, directory: str) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
+
+    def load(self, directory: str, saved) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=directory)
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+            options=self._options,
+        )
+
+    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.dist.is_main else {}

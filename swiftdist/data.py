@@ -1,0 +1,285 @@
+"""Chat data: files -> conversations -> token ids with assistant-only labels -> (packed) samples -> batches.
+
+Formats (auto-detected per file from the first row's keys):
+    messages   {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}
+    sharegpt   {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
+    alpaca     {"instruction": ..., "input": ..., "output": ..., "system"?: ...}
+Every user mistake in a file is reported as `file:line: what is wrong`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swiftdist.config import DataConfig
+from swiftdist.errors import SwiftdistError
+
+log = logging.getLogger("swiftdist")
+
+BUILTIN_DIR = Path(__file__).parent / "data"
+BUILTINS = {"self-cognition": "self_cognition.jsonl", "general-qa": "general_qa.jsonl"}
+IGNORE = -100
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]
+    where: str  # "file:line", for error messages
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+    sample_ids: list[int]  # the conversations it holds (several when packed)
+
+
+# ---- reading files ---------------------------------------------------------------------------
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs. JSONL is parsed line by line so that errors can name the line."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise SwiftdistError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise SwiftdistError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise SwiftdistError(f"{path}:1: expected a JSON list of rows")
+        return [(i + 1, row) for i, row in enumerate(data)]  # row number: JSON arrays have no per-row line
+    if suffix in (".csv", ".parquet"):
+        import datasets
+
+        ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+        first_line = 2 if suffix == ".csv" else 1  # CSV line 1 is the header
+        return [(i + first_line, row) for i, row in enumerate(ds)]
+    raise SwiftdistError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
+
+
+def detect_format(row: dict, where: str) -> str:
+    if not isinstance(row, dict):
+        raise SwiftdistError(f"{where}: expected an object, got {type(row).__name__}")
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    raise SwiftdistError(
+        f"{where}: cannot tell the format from keys {sorted(row)}; expected 'messages' (OpenAI), "
+        "'conversations' (sharegpt) or 'instruction'+'output' (alpaca)"
+    )
+
+
+def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
+    if fmt == "alpaca":
+        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
+            raise SwiftdistError(f"{where}: alpaca rows need string 'instruction' and 'output'")
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+        if row.get("system"):
+            messages.insert(0, {"role": "system", "content": row["system"]})
+        return messages
+    key, role_key, text_key = ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise SwiftdistError(f"{where}: '{key}' must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise SwiftdistError(f"{where}: {key}[{i}] needs '{role_key}' and '{text_key}'")
+        role = turn[role_key] if fmt == "messages" else SHAREGPT_ROLES.get(turn[role_key])
+        if role not in ("system", "user", "assistant"):
+            raise SwiftdistError(f"{where}: {key}[{i}] has unknown role {turn[role_key]!r}")
+        if not isinstance(turn[text_key], str):
+            raise SwiftdistError(f"{where}: {key}[{i}].{text_key} must be a string")
+        messages.append({"role": role, "content": turn[text_key]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SwiftdistError(f"{where}: no assistant turn, so nothing to learn from")
+    return messages
+
+
+def load_conversations(spec: str, cfg: DataConfig, seed: int) -> list[Conversation]:
+    """One dataset spec (`path`, `builtin`, with optional `#N` to sample N rows) -> conversations."""
+    name, _, count = spec.partition("#")
+    path = BUILTIN_DIR / BUILTINS[name] if name in BUILTINS else Path(name).expanduser()
+    if not path.exists():
+        raise SwiftdistError(f"--dataset {name}: no such file (built-ins: {', '.join(BUILTINS)})")
+    fmt = cfg.format
+    conversations = []
+    for lineno, row in _read_rows(path):
+        where = f"{path}:{lineno}"
+        row_fmt = detect_format(row, where) if fmt == "auto" else fmt
+        messages = to_messages(row, row_fmt, where)
+        if name == "self-cognition":
+            for m in messages:
+                m["content"] = m["content"].replace("{name}", cfg.model_name).replace("{author}", cfg.model_author)
+        if cfg.system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": cfg.system})
+        conversations.append(Conversation(messages, where))
+    if count:
+        if not count.isdigit() or int(count) < 1:
+            raise SwiftdistError(f"--dataset {spec}: '#N' needs a positive row count")
+        n = int(count)
+        # Sampling with replacement only when asked for more rows than exist (upsampling a small set).
+        rng = random.Random(seed)
+        conversations = rng.sample(conversations, n) if n <= len(conversations) else rng.choices(conversations, k=n)
+    return conversations
+
+
+# ---- tokenizing --------------------------------------------------------------------------------
+
+
+def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
+    )["input_ids"]
+
+
+def tokenize(tokenizer, conv: Conversation) -> tuple[list[int], list[int]]:
+    """Token ids of the whole chat, and labels that keep only the assistant turns' tokens.
+
+    Each assistant turn spans from the end of the prompt-with-generation-header up to the end of
+    the chat including that turn, so the turn's end-of-turn token is learned too.
+    """
+    ids = _template_ids(tokenizer, conv.messages, generation_prompt=False)
+    labels = [IGNORE] * len(ids)
+    for k, message in enumerate(conv.messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_template_ids(tokenizer, conv.messages[:k], generation_prompt=True))
+        upto = _template_ids(tokenizer, conv.messages[: k + 1], generation_prompt=False)
+        if ids[: len(upto)] != upto:
+            raise SwiftdistError(f"{conv.where}: the chat template renders turns inconsistently; cannot mask labels")
+        labels[start : len(upto)] = ids[start : len(upto)]
+    return ids, labels
+
+
+def build_samples(tokenizer, conversations: list[Conversation], cfg: DataConfig) -> list[Sample]:
+    samples, dropped = [], 0
+    for sample_id, conv in enumerate(conversations):
+        ids, labels = tokenize(tokenizer, conv)
+        if len(ids) > cfg.max_length:
+            if cfg.truncation == "drop":
+                dropped += 1
+                continue
+            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+        if all(label == IGNORE for label in labels):
+            dropped += 1  # truncation removed every assistant token
+            continue
+        samples.append(Sample(ids, labels, list(range(len(ids))), [sample_id]))
+    if dropped:
+        log.warning("dropped %d of %d samples longer than --max-length %d", dropped, len(conversations), cfg.max_length)
+    if not samples:
+        raise SwiftdistError(f"no usable samples: every one is longer than --max-length {cfg.max_length}")
+    return pack(samples, cfg.max_length) if cfg.packing else samples
+
+
+def pack(samples: list[Sample], max_length: int) -> list[Sample]:
+    """Greedy first-fit in order. position_ids restart per sample, which tells transformers to keep
+    attention inside each sample (varlen flash-attn on GPU, a block-causal mask with sdpa)."""
+    packed, current = [], None
+    for s in samples:
+        if current is not None and len(current.input_ids) + len(s.input_ids) <= max_length:
+            current.input_ids += s.input_ids
+            current.labels += s.labels
+            current.position_ids += s.position_ids
+            current.sample_ids += s.sample_ids
+        else:
+            current = Sample(list(s.input_ids), list(s.labels), list(s.position_ids), list(s.sample_ids))
+            packed.append(current)
+    return packed
+
+
+@dataclass
+class SplitData:
+    train: list[Sample]
+    val: list[Sample]
+
+
+def build_datasets(tokenizer, cfg: DataConfig, seed: int) -> SplitData:
+    conversations = [c for spec in cfg.dataset for c in load_conversations(spec, cfg, seed)]
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_val = int(len(conversations) * cfg.val_split)
+    if cfg.val_split and n_val == 0:
+        n_val = 1
+    val = [conversations[i] for i in sorted(order[:n_val])]
+    train = [conversations[i] for i in sorted(order[n_val:])]
+    return SplitData(build_samples(tokenizer, train, cfg), build_samples(tokenizer, val, cfg) if val else [])
+
+
+# ---- batching ----------------------------------------------------------------------------------
+
+
+def collate(samples: list[Sample], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample. Padding carries label -100, so it never counts in the loss."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(samples), width), dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        positions[row, :n] = torch.tensor(s.position_ids)
+        positions[row, n:] = torch.arange(width - n)  # padding forms its own "sample"
+        mask[row, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    if not packed:
+        # Packed rows must not carry an attention mask: transformers detects packing from
+        # position_ids only when the mask is absent.
+        batch["attention_mask"] = mask
+    return batch
+
+
+class StepSampler:
+    """Which samples each rank trains on at each optimizer step — a pure function of the position.
+
+    An epoch is a seeded permutation of all samples; a step takes the next `global_batch` of them
+    and gives rank r a contiguous share. The position is the number of samples already consumed
+    in the epoch, so a run resumed on a different number of ranks (a different global batch)
+    continues exactly where the old one stopped: no sample is skipped or seen twice. The last step
+    of an epoch may be short; ranks left without samples get padding-only rows (zero loss).
+    """
+
+    def __init__(self, n_samples: int, seed: int, batch_size: int, grad_accum: int, rank: int, world_size: int):
+        self.n, self.seed = n_samples, seed
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * grad_accum * world_size
+
+    def permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def steps_left_in_epoch(self, consumed: int) -> int:
+        return -(-(self.n - consumed) // self.global_batch)
+
+    def step_indices(self, epoch: int, consumed: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of sample indices, possibly empty) for the next step."""
+        chosen = self.permutation(epoch)[consumed : consumed + self.global_batch]
+        per_rank = -(-len(chosen) // self.world_size)
+        mine = chosen[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.grad_accum)]

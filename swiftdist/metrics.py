@@ -1,0 +1,97 @@
+"""Where metrics go: a rank-0 progress bar and log lines, metrics.jsonl, wandb, a loss plot.
+
+Only rank 0 constructs a real sink; other ranks get a no-op, so the loop never checks the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("swiftdist")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Metrics:
+    def __init__(self, output_dir: str, report_to: list[str], total_steps: int, initial_step: int,
+                 wandb_project: str, wandb_mode: str, run_config: dict, enabled: bool):
+        self.enabled = enabled
+        self.history: list[dict] = []
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.output_dir / "metrics.jsonl", "a") if "jsonl" in report_to else None
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
+                        disable=not os.isatty(2))
+        self.wandb = None
+        if "wandb" in report_to:
+            import wandb
+
+            # Offline by default: runs never hang on a network; `wandb sync` uploads later.
+            self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(self.output_dir),
+                                    config=run_config)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.history.append(record)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        if self.bar.disable:
+            log.info(text)
+        else:
+            self.bar.write(text)
+
+    def advance(self, steps: int = 1, **postfix) -> None:
+        if self.enabled:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()})
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.wandb:
+            self.wandb.finish()
+        self._plot()
+
+    def _plot(self) -> None:
+        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in self.history if "eval_loss" in r]
+        if not train:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*train), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.output_dir / "loss.png", dpi=100)
+        plt.close(fig)

@@ -1,0 +1,44 @@
+"""Supervised fine-tuning entry point: `python -m swiftdist.sft ...` or `torchrun ... -m swiftdist.sft ...`.
+
+Parse the config, join the process group, train, clean up — whatever happens.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from swiftdist.config import help_text, parse_config
+from swiftdist.distributed import destroy, init_distributed, setup_logging
+from swiftdist.errors import SwiftdistError
+
+
+def run(argv: list[str]) -> int:
+    cfg = parse_config(argv)
+    dist_info = init_distributed()
+    setup_logging(dist_info.rank)
+    try:
+        from swiftdist.trainer import Trainer
+
+        return Trainer(cfg, dist_info).train()
+    finally:
+        destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(help_text())
+        return 0
+    try:
+        return run(argv)
+    except SwiftdistError as e:
+        # Every rank hits the same user error; one line from rank 0 is enough.
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            print(f"swiftdist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
