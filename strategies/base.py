@@ -20,6 +20,8 @@ from swiftdist.distributed import DistInfo
 
 class Strategy(ABC):
     name: ClassVar[str]
+    checkpoint_format: ClassVar[str]
+    """What save() writes (e.g. "dcp"); a resume refuses a checkpoint of another format with a clear reason."""
 
     def __init__(self, cfg: RunConfig, dist: DistInfo, precision: str):
         self.cfg, self.dist, self.precision = cfg, dist, precision
@@ -117,6 +119,12 @@ class Strategy(ABC):
     @abstractmethod
     def load(self, directory: str, saved: "TrainerState") -> None:  # noqa: F821
         """Restore what save() wrote, resharding to the current world size where possible. Collective."""
+
+    @classmethod
+    def load_tensors(cls, directory: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """Full CPU tensors `names` (keys as in the unwrapped model) from what save() wrote, with no process
+        group: `swiftdist export` reads a checkpoint a few tensors at a time, so its memory stays bounded."""
+        raise NotImplementedError(f"{cls.__name__} cannot read its checkpoints for export yet")
 
     @abstractmethod
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:

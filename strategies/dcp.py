@@ -16,10 +16,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from swiftdist.errors import SwiftdistError
 from swiftdist.strategies.base import Strategy
 
 
 class DCPStrategy(Strategy):
+    checkpoint_format = "dcp"
     # Frozen base weights are not saved: they come back from the model path on resume, which keeps
     # LoRA checkpoints a few MB instead of the whole model.
     _options = StateDictOptions(ignore_frozen_params=True)
@@ -36,6 +38,20 @@ class DCPStrategy(Strategy):
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
             options=self._options,
         )
+
+    @classmethod
+    def load_tensors(cls, directory: str, names: list[str]) -> dict[str, torch.Tensor]:
+        reader = dcp.FileSystemReader(directory)
+        saved = reader.read_metadata().state_dict_metadata
+        missing = [n for n in names if f"model.{n}" not in saved]
+        if missing:
+            raise SwiftdistError(f"{directory}: the checkpoint has no tensor '{missing[0]}' "
+                                 f"({len(missing)} missing); was it trained from another base model?")
+        # DCP fills preallocated tensors, resharding from however many ranks wrote them.
+        state = {"model": {n: torch.empty(saved[f"model.{n}"].size, dtype=saved[f"model.{n}"].properties.dtype)
+                           for n in names}}
+        dcp.load(state, storage_reader=reader, no_dist=True)
+        return state["model"]
 
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
