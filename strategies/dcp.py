@@ -34,9 +34,11 @@ class DCPStrategy(Strategy):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=directory)
+        # Not strict: the frozen base is absent on purpose, and dcp.load has already failed on any
+        # requested (trainable) key the checkpoint lacks.
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-            options=self._options,
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
         )
 
     @classmethod

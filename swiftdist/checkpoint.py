@@ -41,7 +41,11 @@ class TrainerState:
     world_size: int = 1
     dp_size: int = 1
     strategy: str = "ddp"
+    checkpoint_format: str = ""  # the strategy's native format ("dcp", ...); "" in checkpoints older than the field
     train_type: str = "lora"
+    total_samples: int = 0  # the run's length, fixed at its first start (0: older checkpoint, recompute)
+    max_steps: int = -1  # the --max-steps / --epochs that set total_samples: changing them on resume resizes the run
+    epochs: int = 1
     model: str = ""
     versions: dict = dataclasses.field(default_factory=dict)
 
@@ -78,12 +82,27 @@ def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
     if resume == "auto":
         found = complete_checkpoints(output_dir)
         return found[-1] if found else None
-    path = Path(resume)
-    # Accept the checkpoint itself, a checkpoints/ folder or an output dir (both via `latest`).
-    for candidate in (path, path / "latest", path / "checkpoints" / "latest"):
+    return find_complete(resume, "--resume")
+
+
+def find_complete(path: str, flag: str) -> Path:
+    """The checkpoint itself, or the newest one of a checkpoints/ folder or an output dir (via `latest`)."""
+    for candidate in (Path(path), Path(path) / "latest", Path(path) / "checkpoints" / "latest"):
         if (candidate / COMPLETE).exists():
             return candidate.resolve()
-    raise SwiftdistError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker)")
+    raise SwiftdistError(f"{flag} {path}: not a complete checkpoint (no {COMPLETE} marker)")
+
+
+def check_resumable(saved: TrainerState, path: Path, train_type: str, strategy: str, checkpoint_format: str) -> None:
+    """Refuse, in one line, a checkpoint the current run cannot continue from."""
+    if saved.train_type != train_type:
+        raise SwiftdistError(f"--resume {path}: saved with --train-type {saved.train_type}, "
+                             f"now {train_type}; they must match")
+    if saved.checkpoint_format and saved.checkpoint_format != checkpoint_format:
+        raise SwiftdistError(
+            f"--resume {path}: written by --strategy {saved.strategy} in {saved.checkpoint_format} format, which "
+            f"--strategy {strategy} ({checkpoint_format} format) cannot read; resume with a strategy that reads "
+            f"{saved.checkpoint_format}, or export it (swiftdist export --checkpoint {path} --to DIR) and train from DIR")
 
 
 def clean_partial(output_dir: str) -> None:

@@ -63,12 +63,14 @@ class Trainer:
         self.sampler = StepSampler(len(self.data.train), cfg.train.seed, cfg.train.batch_size,
                                    cfg.train.grad_accum, self.strategy.dp_rank, self.strategy.dp_size)
         self.state = checkpoint.TrainerState(world_size=dist_info.world_size, dp_size=self.strategy.dp_size,
-                                             strategy=cfg.parallel.strategy, train_type=cfg.model.train_type,
-                                             model=str(model_path), versions=_versions())
+                                             strategy=self.strategy.name,
+                                             checkpoint_format=self.strategy.checkpoint_format,
+                                             train_type=cfg.model.train_type, model=str(model_path),
+                                             max_steps=cfg.train.max_steps, epochs=cfg.train.epochs,
+                                             versions=_versions())
         self._saved_step = -1
-        self._resume()
-        self.total_samples = (cfg.train.max_steps * self.sampler.global_batch if cfg.train.max_steps > 0
-                              else cfg.train.epochs * len(self.data.train))
+        saved = self._resume()
+        self.total_samples = self.state.total_samples = self._run_length(saved)
         self.total_steps = self.state.step + self._steps_left()
         self._stop_signal = None
         self.metrics = Metrics(str(self.output_dir), list(cfg.log.report_to), self.total_steps, self.state.step,
@@ -92,17 +94,16 @@ class Trainer:
                                  f"--precision {self.precision}: {reason}")
         return cls(self.cfg, self.dist, self.precision)
 
-    def _resume(self) -> None:
+    def _resume(self) -> checkpoint.TrainerState | None:
         if self.dist.is_main:
             checkpoint.clean_partial(str(self.output_dir))
         barrier()
         path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, str(self.output_dir))
         if path is None:
-            return
+            return None
         saved = checkpoint.TrainerState.from_file(path / checkpoint.STATE_FILE)
-        if saved.train_type != self.cfg.model.train_type:
-            raise SwiftdistError(f"--resume {path}: saved with --train-type {saved.train_type}, "
-                                 f"now {self.cfg.model.train_type}; they must match")
+        checkpoint.check_resumable(saved, path, self.cfg.model.train_type, self.strategy.name,
+                                   self.strategy.checkpoint_format)
         t0 = time.perf_counter()
         self.strategy.load(str(path / "model"), saved)
         for key in ("step", "epoch", "consumed_in_epoch", "consumed_total"):
@@ -111,6 +112,16 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, sample %d; saved by %d ranks, now %d) in %.1fs",
                  path, saved.step, saved.epoch, saved.consumed_in_epoch, saved.world_size,
                  self.dist.world_size, time.perf_counter() - t0)
+        return saved
+
+    def _run_length(self, saved: checkpoint.TrainerState | None) -> int:
+        """Samples the whole run trains on, fixed at its first start. --max-steps counts steps of the first
+        start's global batch, so a run resumed on another world size keeps its length and LR schedule;
+        changing --max-steps or --epochs on resume resizes it."""
+        t = self.cfg.train
+        if saved and saved.total_samples and (saved.max_steps, saved.epochs) == (t.max_steps, t.epochs):
+            return saved.total_samples
+        return t.max_steps * self.sampler.global_batch if t.max_steps > 0 else t.epochs * len(self.data.train)
 
     def _steps_left(self) -> int:
         """Steps until total_samples are consumed, walking epoch boundaries (last step of an epoch is short)."""
