@@ -47,11 +47,25 @@ class Strategy(ABC):
     def dp_size(self) -> int:
         return self.dist.world_size
 
+    @property
+    def rng_rank(self) -> int:
+        """Seeds this rank's dropout: ranks that hold the same activations (tensor-parallel peers) share it."""
+        return self.dist.rank
+
     # ---- building -----------------------------------------------------------------------------
 
     def model_init_context(self):
         """Context in which the model is constructed (e.g. ZeRO-3 partitions weights as they load)."""
         return contextlib.nullcontext()
+
+    def build_model(self, path) -> torch.nn.Module:
+        """The model to train, from the HF dir `path`: an HF model with LoRA/QLoRA applied.
+
+        Strategies that run their own model implementation (megatron) build it here instead.
+        """
+        from swiftdist.model import load_model
+
+        return load_model(self.cfg.model, path, self.precision, self.model_init_context)
 
     @abstractmethod
     def wrap(self, model: torch.nn.Module) -> None:
@@ -129,6 +143,10 @@ class Strategy(ABC):
     @abstractmethod
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         """Unsharded CPU tensors on rank 0 (empty dict elsewhere), keyed as in the unwrapped model. Collective."""
+
+    def save_hf(self, directory, state_dict: dict[str, torch.Tensor]) -> None:
+        """Rank 0: write full_state_dict() as a peft adapter (LoRA) or an HF model dir (full)."""
+        self.unwrapped().save_pretrained(directory, state_dict=state_dict)
 
     @classmethod
     def memory_estimate(cls, stats: "ModelStats", world_size: int) -> dict[str, float]:  # noqa: F821

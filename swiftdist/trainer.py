@@ -27,7 +27,7 @@ from swiftdist.data import IGNORE, Sample, StepSampler, build_datasets, collate
 from swiftdist.distributed import DistInfo, barrier
 from swiftdist.errors import SwiftdistError
 from swiftdist.metrics import Metrics, peak_memory_gib
-from swiftdist.model import count_params, load_model, load_tokenizer, resolve_model_path, resolve_precision
+from swiftdist.model import count_params, load_tokenizer, resolve_model_path, resolve_precision
 from swiftdist.strategies import get_strategy_class
 
 log = logging.getLogger("swiftdist")
@@ -57,7 +57,7 @@ class Trainer:
         model_path = resolve_model_path(cfg.model.model)
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         self.data = build_datasets(self.tokenizer, cfg.data, cfg.train.seed)
-        model = load_model(cfg.model, model_path, self.precision, self.strategy.model_init_context)
+        model = self.strategy.build_model(model_path)
         trainable, total = count_params(model)
         self.strategy.wrap(model)
         self.sampler = StepSampler(len(self.data.train), cfg.train.seed, cfg.train.batch_size,
@@ -145,7 +145,7 @@ class Trainer:
             micro_batches, n_samples = self._next_batches()
             # Dropout randomness derives from the position, so a resumed run (on any number of
             # ranks) draws exactly what the uninterrupted one would have drawn.
-            torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.step * 1009 + self.dist.rank)
+            torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.step * 1009 + self.strategy.rng_rank)
             label_tokens = self.strategy.all_reduce_dp(sum((b["labels"][:, 1:] != IGNORE).sum() for b in micro_batches).float())
             loss = self.strategy.forward_backward(micro_batches, label_tokens / self.strategy.dp_size)
             grad_norm = self.strategy.clip_grad_norm(cfg.train.max_grad_norm)
@@ -263,7 +263,7 @@ class Trainer:
         state = self.strategy.full_state_dict(trainable_only=lora)
         if self.dist.is_main:
             out = directory / ("adapter" if lora else "hf")
-            self.strategy.unwrapped().save_pretrained(out, state_dict=state)
+            self.strategy.save_hf(out, state)
             self.tokenizer.save_pretrained(out)
 
     def export_final(self) -> None:
