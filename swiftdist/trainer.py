@@ -57,6 +57,9 @@ class Trainer:
         model_path = resolve_model_path(cfg.model.model)
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         self.data = build_datasets(self.tokenizer, cfg.data, cfg.train.seed)
+        # Every rank must build the same initial weights (LoRA's random A matrices too): sharded
+        # strategies keep each rank's own slice of them instead of broadcasting rank 0's copy.
+        torch.manual_seed(cfg.train.seed)
         model = self.strategy.build_model(model_path)
         trainable, total = count_params(model)
         self.strategy.wrap(model)

@@ -1,0 +1,69 @@
+"""FSDP2: every decoder layer, then the root, is a `fully_shard` unit; each rank keeps 1/N of
+parameters, gradients and optimizer state and all-gathers one layer at a time.
+
+`fsdp-offload` keeps the shards (and so the optimizer step) in host memory; the device holds only
+the layer being computed. Checkpoints go through DCP (strategies/dcp.py), so they reshard on load.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from swiftdist.strategies.base import build_optimizer
+from swiftdist.strategies.dcp import DCPStrategy
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks, found by the class names HF lists in `_no_split_modules`."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(hf, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise RuntimeError(f"{type(hf).__name__}: no decoder layers found (its _no_split_modules is {names or 'empty'})")
+    return layers
+
+
+class FSDPStrategy(DCPStrategy):
+    name = "fsdp"
+    offload = False
+
+    def wrap(self, model) -> None:
+        device = self.dist.device
+        model.to(device)
+        mesh = init_device_mesh(device.type, (self.dist.world_size,))
+        # bf16: layers are gathered and computed in bf16; gradients are reduced in fp32 and the
+        # sharded master weights stay in the dtype they were loaded in.
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if self.precision == "bf16" else MixedPrecisionPolicy())
+        # Pinned host memory needs an accelerator; on a CPU host it fails ("Cannot access accelerator device").
+        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if self.offload else OffloadPolicy()
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        self.model = model
+        self.optimizer = build_optimizer(model, self.cfg)
+
+    # no_sync is left at the base default on purpose: skipping the reduce-scatter would keep a full
+    # unsharded gradient per rank between micro-batches, the memory FSDP is chosen to save.
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # a partial sum over the shards: reduce it to the global norm
+            norm = norm.full_tensor()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                                 max_norm, norm)
+        return norm
+
+    @classmethod
+    def memory_estimate(cls, stats, world_size: int) -> dict[str, float]:
+        return stats.sharded(world_size, offload=cls.offload)
+
+
+class FSDPOffloadStrategy(FSDPStrategy):
+    name = "fsdp-offload"
+    offload = True
