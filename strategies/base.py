@@ -154,17 +154,24 @@ class Strategy(ABC):
         raise NotImplementedError
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in most LLM recipes."""
+def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    """The trainable parameters; no weight decay on biases and norm weights (1-D tensors), as in most LLM recipes."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # A parameter partitioned by ZeRO-3 is an empty placeholder; ds_shape keeps its real shape.
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (decay if ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW over param_groups()."""
     return torch.optim.AdamW(
-        groups,
+        param_groups(model, cfg),
         lr=cfg.train.lr,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         fused=torch.cuda.is_available() or None,
