@@ -20,6 +20,17 @@
 # torchrun with 2 processes) while a two-node job still gets 1 task per node.
 # TaskPlugin=task/none does no CPU binding, so the overcommit only shares cores.
 #
+# Notes for job scripts run here (measured with this script):
+# - Both nodes have the same hostname; `scontrol show hostnames` gives n1/n2,
+#   which do not resolve. Take a node's address from
+#   `scontrol show node n1` (NodeAddr=127.0.0.2), e.g. for MASTER_ADDR.
+# - slurm 22.05's srun does not inherit --cpus-per-task from sbatch: pass
+#   `srun --cpus-per-task "$SLURM_CPUS_PER_TASK"` (or SRUN_CPUS_PER_TASK) when
+#   the step needs it.
+# - `scontrol requeue` kills the running job (SIGTERM, KillWait=5 s, SIGKILL)
+#   and the job starts again ~11 s later (AuthInfo cred_expire=10) with
+#   SLURM_RESTART_COUNT=1; use `--open-mode=append` to keep the first log.
+#
 # Exit status: 0 on success. `status`: 0 all daemons up, 3 nothing running,
 # 1 some daemons up and some not.
 set -euo pipefail
@@ -53,6 +64,9 @@ while (($#)); do
 done
 case "$cmd" in start|stop|status) ;; -h|--help) usage; exit 0 ;; *) usage; die "unknown command: $cmd" ;; esac
 
+# SlurmUser=root and the package install need root; this is a container tool.
+[[ "$(id -u)" -eq 0 ]] || die "must run as root (SlurmUser=root, apt-get)"
+
 # An absolute path: it is compared against the marker in /proc/*/environ and
 # written into slurm.conf, which the daemons read after changing directory.
 state_dir="$(realpath -m -- "$state_dir")"
@@ -66,8 +80,9 @@ readonly save_dir="$state_dir/state"
 readonly spool_dir="$state_dir/spool"
 
 # Ports derived from the state dir: two clusters (say, two test sessions) with
-# different state dirs then never fight over a port. 17000-18999 lies below the
-# Linux ephemeral range, so outgoing connections cannot take them either.
+# different state dirs almost never share a port, and `start` refuses loudly if
+# one is taken. 17000-18999 lies below the Linux ephemeral range, so outgoing
+# connections cannot take them either.
 port_base=$(( 17000 + ($(printf '%s' "$state_dir" | cksum | cut -d' ' -f1) % 400) * 5 ))
 readonly ctld_port="$port_base"
 node_port() { case "$1" in n1) echo $((port_base + 1)) ;; n2) echo $((port_base + 2)) ;; esac; }
@@ -123,9 +138,9 @@ descendants() {
     table="$(ps -e -o pid=,ppid=)"
     while ((${#queue[@]})); do
         p="${queue[0]}"; queue=("${queue[@]:1}")
-        for child in $(awk -v pp="$p" '$2 == pp {print $1}' <<<"$table"); do
+        while read -r child; do
             echo "$child"; queue+=("$child")
-        done
+        done < <(awk -v pp="$p" '$2 == pp {print $1}' <<<"$table")
     done
 }
 
@@ -142,11 +157,13 @@ wait_gone() {
     done
 }
 
-# kill_and_wait PID...: SIGTERM, a grace period, then SIGKILL.
+# kill_and_wait GRACE PID...: SIGTERM, GRACE seconds, then SIGKILL.
 kill_and_wait() {
+    local grace="$1"
+    shift
     (($#)) || return 0
     kill -TERM "$@" 2>/dev/null || true
-    if ! wait_gone 15 "$@"; then
+    if ! wait_gone "$grace" "$@"; then
         log "still alive after SIGTERM, sending SIGKILL: $*"
         kill -KILL "$@" 2>/dev/null || true
         wait_gone 5 "$@" || die "could not kill: $*"
@@ -171,7 +188,7 @@ print_state() {
             if pid="$(pid_of "$d")"; then echo "  $d: running, pid $pid"; else echo "  $d: stopped"; fi
         done
         if pid_of slurmctld >/dev/null; then
-            timeout 10 sinfo -N -o '  %N %t %c cpus %P' 2>&1 || echo "  (sinfo failed)"
+            timeout 10 sinfo -N -o '  %10N %10t %5c %P' 2>&1 || echo "  (sinfo failed)"
         fi
     } >&2
 }
@@ -197,8 +214,7 @@ ensure_packages() {
     log "installing slurm-wlm and munge (apt-get)"
     # Non-interactive so a package's debconf questions cannot hang CI.
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        slurm-wlm munge >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >&2
 }
 
 write_conf() {
@@ -221,7 +237,10 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$munge_socket
+# cred_expire is also how long a requeued job waits before it may start
+# again (default 120 s); 10 s keeps requeue tests short while leaving a step
+# launch on a loaded 2-core machine ample time to present its credential.
+AuthInfo=socket=$munge_socket,cred_expire=10
 StateSaveLocation=$save_dir
 SlurmdSpoolDir=$spool_dir/slurmd-%n
 SlurmctldPidFile=$run_dir/slurmctld.pid
@@ -269,9 +288,9 @@ start_munge() {
     fi
     chmod 0400 "$munge_key"
     rm -f "$munge_socket" "$munge_socket.lock"
-    # --force: munged refuses to run as root or with a socket in a dir it did
-    # not set up unless forced; running as root is what this container has.
-    env "$MARKER=$state_dir" munged --force \
+    # --force: go on past the ownership/permission checks that munged would
+    # otherwise treat as fatal for a key and socket outside /etc and /run.
+    env "$MARKER=$state_dir" munged --force 9>&- \
         --socket="$munge_socket" --key-file="$munge_key" \
         --pid-file="$run_dir/munged.pid" --log-file="$log_dir/munged.log" \
         --seed-file="$munge_dir/munged.seed" \
@@ -303,7 +322,7 @@ wait_idle() {
 }
 
 do_start() {
-    local t0=$SECONDS running n
+    local t0=$SECONDS running n p
     running="$(count_running)"
     if [[ "$running" -eq 4 ]]; then
         log "already running"
@@ -322,19 +341,29 @@ do_start() {
     # A fresh cluster every time: old jobs and node states would only confuse
     # the tests. The munge key is kept.
     rm -rf "$save_dir" "$spool_dir" "$run_dir" "$log_dir"
-    mkdir -p "$save_dir" "$spool_dir" "$run_dir" "$log_dir" "$munge_dir"
+    mkdir -p "$save_dir" "$run_dir" "$log_dir" "$munge_dir"
+    for n in "${NODES[@]}"; do mkdir -p "$spool_dir/slurmd-$n"; done
     # munged checks that its key and socket dirs are not writable by others.
     chmod 0700 "$state_dir" "$munge_dir"
 
     start_munge
     write_conf
-    env "$MARKER=$state_dir" slurmctld -f "$conf" || { print_logs; die "slurmctld did not start"; }
+    env "$MARKER=$state_dir" slurmctld -f "$conf" 9>&- || { print_logs; die "slurmctld did not start"; }
     for n in "${NODES[@]}"; do
-        env "$MARKER=$state_dir" slurmd -f "$conf" -N "$n" || { print_logs; die "slurmd $n did not start"; }
+        env "$MARKER=$state_dir" slurmd -f "$conf" -N "$n" 9>&- || { print_logs; die "slurmd $n did not start"; }
     done
     if ! wait_idle; then
         do_stop
         die "cluster did not come up (logs above)"
+    fi
+    # "idle" only means both slurmd registered with slurmctld; it says nothing
+    # about whether a job can reach them. One tiny two-node step proves it.
+    if ! timeout 30 srun --nodes 2 --ntasks-per-node 1 --job-name swiftdist-smoke \
+            --time 1 true 9>&- >&2; then
+        log "a two-node test step failed"
+        print_logs
+        do_stop
+        die "cluster started but cannot run jobs (logs above)"
     fi
     log "started in $((SECONDS - t0))s"
     print_state
@@ -344,16 +373,15 @@ do_start() {
 # --- stop -------------------------------------------------------------------
 
 do_stop() {
-    local d pid ids
-    local -a pids=() stray=()
+    local d pid
+    local -a pids=() stray=() ids=()
     # Cancel jobs while slurmctld can still do it cleanly: it kills the job
     # processes, which a dead slurmd would leave behind.
     if pid_of slurmctld >/dev/null; then
-        ids="$(timeout 10 squeue -h -t PD,R,CG,S,CF -o %i 2>/dev/null || true)"
-        if [[ -n "$ids" ]]; then
-            log "cancelling jobs: $(echo $ids)"
-            # shellcheck disable=SC2086  # one argument per job id
-            timeout 10 scancel $ids 2>/dev/null || true
+        mapfile -t ids < <(timeout 10 squeue -h -t PD,R,CG,S,CF -o %i 2>/dev/null || true)
+        if ((${#ids[@]})); then
+            log "cancelling jobs: ${ids[*]}"
+            timeout 10 scancel "${ids[@]}" 2>/dev/null || true
             local deadline=$((SECONDS + 20))
             while [[ -n "$(timeout 5 squeue -h -t R,CG -o %i 2>/dev/null || true)" ]] && ((SECONDS < deadline)); do
                 sleep 0.5
@@ -366,7 +394,7 @@ do_stop() {
     done
     if ((${#pids[@]})); then
         log "stopping daemons: ${pids[*]}"
-        kill_and_wait "${pids[@]}"
+        kill_and_wait 15 "${pids[@]}"
     fi
     # Anything left with our marker (slurmstepd of jobs that would not die),
     # and the job processes below it.
@@ -374,7 +402,8 @@ do_stop() {
     if ((${#stray[@]})); then
         mapfile -t -O "${#stray[@]}" stray < <(descendants "${stray[@]}")
         log "killing leftover processes: ${stray[*]}"
-        kill_and_wait "${stray[@]}"
+        # slurmstepd shrugs off SIGTERM: a short grace before SIGKILL.
+        kill_and_wait 3 "${stray[@]}"
     fi
     rm -f "$run_dir"/*.pid
 }
@@ -398,6 +427,8 @@ fi
 mkdir -p "$state_dir"
 # One start/stop at a time per state dir: tests in parallel shells may call
 # `start` together, and the second must find the first one's cluster.
+# Every daemon is started with 9>&-: one that inherited fd 9 would hold the
+# lock for as long as it runs.
 exec 9>"$state_dir/lock"
 flock -w 180 9 || die "timed out waiting for the lock on $state_dir/lock"
 

@@ -27,7 +27,7 @@ from swiftdist.data import IGNORE, Sample, StepSampler, build_datasets, collate
 from swiftdist.distributed import DistInfo, barrier
 from swiftdist.errors import SwiftdistError
 from swiftdist.metrics import Metrics, peak_memory_gib
-from swiftdist.model import count_params, load_tokenizer, resolve_model_path, resolve_precision
+from swiftdist.model import count_params, load_tokenizer, resolve_model_path, resolve_precision, weight_dtype
 from swiftdist.strategies import get_strategy_class
 
 log = logging.getLogger("swiftdist")
@@ -69,6 +69,7 @@ class Trainer:
                                              strategy=self.strategy.name,
                                              checkpoint_format=self.strategy.checkpoint_format,
                                              train_type=cfg.model.train_type, model=str(model_path),
+                                             base_dtype=str(weight_dtype(cfg.model, self.precision)).removeprefix("torch."),
                                              max_steps=cfg.train.max_steps, epochs=cfg.train.epochs,
                                              versions=_versions())
         self._saved_step = -1
