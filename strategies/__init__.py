@@ -9,8 +9,6 @@ from swiftdist.errors import SwiftdistError
 _REGISTRY = {
     "ddp": "ddp:DDPStrategy",
     "megatron": "megatron:MegatronStrategy",
-    "fsdp": "fsdp:FSDPStrategy",
-    "fsdp-offload": "fsdp:FSDPOffloadStrategy",
 }
 
 

@@ -1,0 +1,88 @@
+"""Make megatron-core 0.16 run on CPU + gloo. Applied only when CUDA is absent.
+
+megatron-core assumes a GPU in a few hard-coded places. Each patch below replaces one of them
+with its CPU equivalent; none changes what the library computes. With CUDA present `apply()`
+does nothing, so the GPU path runs the library unpatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+_applied = False
+
+
+def apply() -> None:
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    _applied = True
+    _cpu_current_device()
+    _no_op_synchronize()
+    _cpu_schedule_buffers()
+    _cpu_rng_tracker()
+
+
+def _cpu_current_device() -> None:
+    # Buffers throughout mcore (rotary frequencies, pipeline p2p shape and activation buffers,
+    # attention scratch) are allocated with `device=torch.cuda.current_device()`, which raises
+    # without CUDA. "cpu" is a valid `device=` argument everywhere it is used.
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _no_op_synchronize() -> None:
+    # The pipeline p2p shape exchange calls `torch.cuda.synchronize()` after batch_isend_irecv to
+    # guard against a CUDA-stream race; gloo ops are complete once `wait()` returns.
+    torch.cuda.synchronize = lambda device=None: None
+
+
+class _TorchWithCpuZeros(types.ModuleType):
+    """`torch`, except that `zeros(..., device="cuda")` allocates on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+def _cpu_schedule_buffers() -> None:
+    # The pipeline schedules count tokens in `torch.zeros([], device="cuda")` (a literal, so the
+    # current_device patch does not reach it). Only the schedules module sees this wrapper.
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchWithCpuZeros("torch")
+
+
+def _cpu_rng_tracker() -> None:
+    # Tensor-parallel regions draw dropout from a tracked "model-parallel" RNG stream that differs
+    # per TP rank; the stock tracker stores and swaps *CUDA* generator states. This one does the
+    # same with the CPU generator, so seeding and fork() keep their meaning.
+    from megatron.core.tensor_parallel import random
+
+    class CpuRNGStatesTracker(random.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            if seed in self.seeds_ or name in self.states_:
+                raise Exception(f"rng state {name} (seed {seed}) already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
