@@ -249,7 +249,9 @@ class Trainer:
             checkpoint.prepare(tmp)
         barrier()
         self.strategy.save(str(tmp / "model"))
-        self._save_hf(tmp, full_model=self.cfg.checkpoint.save_full_model)
+        lora = self.cfg.model.train_type != "full"
+        if lora or self.cfg.checkpoint.save_full_model:
+            self._save_hf(tmp / ("adapter" if lora else "hf"))
         barrier()  # every rank's shards are on disk before the checkpoint is marked complete
         final = None
         if self.dist.is_main:
@@ -259,20 +261,16 @@ class Trainer:
         self._saved_step = self.state.step
         return final
 
-    def _save_hf(self, directory: Path, full_model: bool) -> None:
-        """LoRA: the adapter (small, always). Full: the whole model, only when asked (it is gathered)."""
-        lora = self.cfg.model.train_type != "full"
-        if not (lora or full_model):
-            return
-        state = self.strategy.full_state_dict(trainable_only=lora)
+    def _save_hf(self, out: Path) -> None:
+        """The peft adapter (LoRA) or the whole HF model (full; gathered on rank 0), with the tokenizer."""
+        state = self.strategy.full_state_dict(trainable_only=self.cfg.model.train_type != "full")
         if self.dist.is_main:
-            out = directory / ("adapter" if lora else "hf")
             self.strategy.save_hf(out, state)
             self.tokenizer.save_pretrained(out)
 
     def export_final(self) -> None:
         """The result users load: output_dir/final, a peft adapter or a full HF model."""
-        self._save_hf(self.output_dir / "final", full_model=True)
+        self._save_hf(self.output_dir / "final")
         if self.dist.is_main:
             log.info("final %s saved to %s", "adapter" if self.cfg.model.train_type != "full" else "model",
                      self.output_dir / "final")

@@ -28,3 +28,12 @@ def smollm2():
 @pytest.fixture
 def chat_file(tmp_path):
     return write_jsonl(tmp_path / "chat.jsonl", arithmetic_rows(32))
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group for in-process training, torn down after the test."""
+    from swiftdist.distributed import destroy
+
+    yield
+    destroy()

@@ -74,3 +74,16 @@ def arithmetic_rows(n: int) -> list[dict]:
                       {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
         for i in range(n)
     ]
+
+
+def train_in_process(argv: list[str]):
+    """Run a whole single-process training inside the test process; returns the finished Trainer.
+
+    The caller owns the process group (see the `process_group` fixture)."""
+    from swiftdist.config import parse_config
+    from swiftdist.distributed import init_distributed
+    from swiftdist.trainer import Trainer
+
+    trainer = Trainer(parse_config(argv), init_distributed())
+    assert trainer.train() == 0
+    return trainer
