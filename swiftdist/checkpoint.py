@@ -47,6 +47,7 @@ class TrainerState:
     max_steps: int = -1  # the --max-steps / --epochs that set total_samples: changing them on resume resizes the run
     epochs: int = 1
     model: str = ""
+    base_dtype: str = "float32"  # what the base weights were loaded as (QLoRA quantises from it; export replays it)
     versions: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -14,6 +14,7 @@ from swiftdist.errors import SwiftdistError
 COMMANDS = {
     "sft": ("swiftdist.sft", "main", "fine-tune (same as python -m swiftdist.sft)"),
     "infer": ("swiftdist.infer", "main", "chat with a model or model + adapter"),
+    "export": ("swiftdist.export", "main", "checkpoint -> plain HF safetensors dir (--merge-lora merges LoRA/QLoRA)"),
     "env": ("swiftdist.cli", "env", "versions and devices on this machine"),
 }
 
