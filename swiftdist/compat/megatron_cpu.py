@@ -21,6 +21,7 @@ def apply() -> None:
         return
     _applied = True
     _cpu_current_device()
+    _tensor_cuda_stays_on_cpu()
     _no_op_synchronize()
     _cpu_schedule_buffers()
     _cpu_rng_tracker()
@@ -31,6 +32,13 @@ def _cpu_current_device() -> None:
     # attention scratch) are allocated with `device=torch.cuda.current_device()`, which raises
     # without CUDA. "cpu" is a valid `device=` argument everywhere it is used.
     torch.cuda.current_device = lambda: "cpu"
+
+
+def _tensor_cuda_stays_on_cpu() -> None:
+    # With tied embeddings and PP > 1, GPTModel moves the head's copy of the embedding with
+    # `weight.data.cuda()` before all-reducing it over the embedding group. Without CUDA that call
+    # can only raise; leaving the tensor where it is, is what the all-reduce needs on gloo.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 def _no_op_synchronize() -> None:
