@@ -54,6 +54,7 @@ class Trainer:
         self.output_dir = Path(cfg.checkpoint.output_dir)
         self.precision = resolve_precision(cfg.train.precision)
         self.strategy = self._setup_strategy()
+        found = self._find_checkpoint()
         model_path = resolve_model_path(cfg.model.model)
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         self.data = build_datasets(self.tokenizer, cfg.data, cfg.train.seed)
@@ -73,7 +74,7 @@ class Trainer:
                                              max_steps=cfg.train.max_steps, epochs=cfg.train.epochs,
                                              versions=_versions())
         self._saved_step = -1
-        saved = self._resume()
+        saved = self._resume(found)
         self.total_samples = self.state.total_samples = self._run_length(saved)
         self.total_steps = self.state.step + self._steps_left()
         self._stop_signal = None
@@ -98,7 +99,8 @@ class Trainer:
                                  f"--precision {self.precision}: {reason}")
         return cls(self.cfg, self.dist, self.precision)
 
-    def _resume(self) -> checkpoint.TrainerState | None:
+    def _find_checkpoint(self) -> tuple[Path, checkpoint.TrainerState] | None:
+        """The checkpoint to resume from, refused before any model loads if this run cannot continue it."""
         if self.dist.is_main:
             checkpoint.clean_partial(str(self.output_dir))
         barrier()
@@ -108,6 +110,12 @@ class Trainer:
         saved = checkpoint.TrainerState.from_file(path / checkpoint.STATE_FILE)
         checkpoint.check_resumable(saved, path, self.cfg.model.train_type, self.strategy.name,
                                    self.strategy.checkpoint_format)
+        return path, saved
+
+    def _resume(self, found: tuple[Path, checkpoint.TrainerState] | None) -> checkpoint.TrainerState | None:
+        if found is None:
+            return None
+        path, saved = found
         t0 = time.perf_counter()
         self.strategy.load(str(path / "model"), saved)
         for key in ("step", "epoch", "consumed_in_epoch", "consumed_total"):
