@@ -152,6 +152,7 @@ class Trainer:
         """Runs to the end (returns 0) or until preempted (returns PREEMPTED_EXIT_CODE after saving)."""
         cfg = self.cfg
         self._install_signal_handlers()
+        self.strategy.model.train()  # from_pretrained returns eval mode: dropout would be off
         while self.state.consumed_total < self.total_samples:
             t0 = time.perf_counter()
             micro_batches, n_samples = self._next_batches()
