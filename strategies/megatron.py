@@ -2,14 +2,13 @@
 
 The strategy builds an mcore GPTModel chunk per rank from the HF config, fills it from the HF
 safetensors through `swiftdist.megatron_bridge` (each rank reads only its slices), puts LoRA on
-mcore's parallel linear layers with peft, and runs each step's micro-batches through megatron's
+mcore's parallel linear layers (ParallelLoRA below), and runs each step's micro-batches through megatron's
 pipeline schedules. Ranks are laid out tp x pp x dp; data parallelism is whatever world size is
 left, with gradients averaged over the data-parallel group after the schedule.
 
 Checkpoints use megatron-core distributed checkpointing, keyed by HF tensor names and HF axes, so
 a checkpoint resumes on any TP x PP x DP layout and `swiftdist export` reads HF tensors straight
-from it. Sequence parallelism is on with CUDA, TP > 1 and full fine-tuning (peft's LoRA layers
-cannot take sequence-sharded inputs).
+from it. Sequence parallelism is on with CUDA and TP > 1.
 
 Limits: Llama and Qwen2 families without rope scaling; no QLoRA (refused); no activation
 recompute; no interleaved (virtual) pipeline; the torch AdamW rather than megatron's distributed
@@ -92,7 +91,7 @@ class MegatronStrategy(Strategy):
         full = self.cfg.model.train_type == "full"
         self.config = bridge.transformer_config(
             self.hf_cfg, self.tp, self.pp, None,
-            sequence_parallel=torch.cuda.is_available() and self.tp > 1 and full,
+            sequence_parallel=torch.cuda.is_available() and self.tp > 1,
         )
         tensor_parallel.model_parallel_cuda_manual_seed(self.cfg.train.seed)
         model = bridge.build_model(self.hf_cfg, self.config)
@@ -103,23 +102,23 @@ class MegatronStrategy(Strategy):
         return model
 
     def _add_lora(self, model):
-        from peft import LoraConfig, inject_adapter_in_model
-
         m = self.cfg.model
         wanted = list(m.target_modules)
         unknown = [t for t in wanted if t != "all-linear" and t not in _LORA_TARGETS]
         if unknown:
             raise SwiftdistError(f"--target-modules {', '.join(unknown)}: megatron adapts "
                                  f"{', '.join(_LORA_TARGETS)} or all-linear")
-        targets = sorted(set(_LORA_TARGETS.values()) if wanted == ["all-linear"]
-                         else {_LORA_TARGETS[t] for t in wanted})
+        targets = set(_LORA_TARGETS.values()) if wanted == ["all-linear"] else {_LORA_TARGETS[t] for t in wanted}
         # mcore fuses q/k/v (and gate/up) into one layer, so one adapter covers all of them: asking
         # for q_proj adapts k_proj and v_proj too, and one lora_A feeds the three outputs.
-        lora = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                          target_modules=targets, megatron_config=self.config, megatron_core="megatron.core")
-        model = inject_adapter_in_model(lora, model)
-        self._init_lora(model)
         self.lora_targets = sorted(h for h, mc in _LORA_TARGETS.items() if mc in targets)
+        model.requires_grad_(False)
+        for name, module in list(model.named_modules()):
+            if name.rsplit(".", 1)[-1] in targets:
+                parent, child = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent), child,
+                        ParallelLoRA(module, m.lora_rank, m.lora_alpha, m.lora_dropout, self.config.sequence_parallel))
+        self._init_lora(model)
         return model
 
     def _init_lora(self, model) -> None:
@@ -373,3 +372,48 @@ def _stable_hash(name: str) -> int:
     import zlib
 
     return zlib.crc32(name.encode())
+
+
+class ParallelLoRA(torch.nn.Module):
+    """LoRA on an mcore Column/RowParallelLinear: base(x) + lora_B(lora_A(dropout(x))) * alpha / r.
+
+    Column-parallel (output rows split over TP): lora_A is whole on every rank, lora_B is split like
+    the base rows. Row-parallel (input columns split): lora_A is split like the base columns and its
+    partial products are summed over TP, lora_B is whole. Written here because peft 0.21's
+    LoraParallelLinear fails to construct (KeyError 'fan_in_fan_out', then 'lora_bias') and leaves the
+    gradient of its replicated lora_A partial on each TP rank.
+    """
+
+    def __init__(self, base, rank: int, alpha: int, dropout: float, sequence_parallel: bool):
+        from megatron.core import tensor_parallel
+
+        super().__init__()
+        self.base_layer = base
+        self.row = isinstance(base, tensor_parallel.RowParallelLinear)
+        self.sequence_parallel = sequence_parallel
+        out_features, in_features = base.weight.shape  # this rank's shard
+        self.lora_A = torch.nn.Linear(in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, out_features, bias=False)
+        self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
+        self.scaling = alpha / rank
+        # With sequence parallelism the replicated factor sees only this rank's tokens: its gradient
+        # is summed over TP ranks like the norm weights' (see _finalize_grads).
+        replicated = self.lora_B if self.row else self.lora_A
+        replicated.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, x, *args, **kwargs):
+        from megatron.core import tensor_parallel as tpl
+
+        out, bias = self.base_layer(x, *args, **kwargs)
+        a = self.lora_A(self.dropout(x))
+        if self.row:
+            # x holds this rank's input columns: sum the partial products (over the sequence shards'
+            # owners with sequence parallelism).
+            a = (tpl.reduce_scatter_to_sequence_parallel_region(a) if self.sequence_parallel
+                 else tpl.reduce_from_tensor_model_parallel_region(a))
+        else:
+            # lora_B holds only this rank's output rows, so the gradient reaching `a` is partial:
+            # these regions sum it over TP (with sequence parallelism they also gather the sequence).
+            a = (tpl.gather_from_sequence_parallel_region(a) if self.sequence_parallel
+                 else tpl.copy_to_tensor_model_parallel_region(a))
+        return out + self.lora_B(a) * self.scaling, bias

@@ -161,7 +161,7 @@ _TOP = {
     "decoder.final_layernorm": (("model.norm",), "one", None),
     "output_layer": (("lm_head",), "one", "column"),
 }
-_NAME = re.compile(r"^(?P<module>.+?)(?P<base>\.base_layer)?(?:\.(?P<lora>lora_[AB])\.[^.]+)?\.(?P<leaf>weight|bias)$")
+_NAME = re.compile(r"^(?P<module>.+?)(?P<base>\.base_layer)?(?:\.(?P<lora>lora_[AB]))?\.(?P<leaf>weight|bias)$")
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Piece:
     name: str  # HF tensor name (peft adapter naming for LoRA factors)
     tensor: torch.Tensor  # this rank's part of it: a view or copy of the mcore tensor
     axis: int | None  # HF axis along which TP ranks hold consecutive chunks; None: whole on every TP rank
-    replica: bool = False  # another piece already holds these values (tied head, shared lora_A)
+    replica: bool = False  # the tied head's copy of the embedding: the first stage's piece counts
 
 
 @dataclass
@@ -217,8 +217,7 @@ class Layout:
                 if lora == "lora_A" and len(hf_modules) > 1:
                     split = "shared"  # one A feeds the fused q/k/v (gate/up) outputs
             parts = self.split(param.detach(), split, len(hf_modules))
-            pieces = [Piece(n, t, axis, replica=tied_copy or (split == "shared" and i > 0))
-                      for i, (n, t) in enumerate(zip(names, parts))]
+            pieces = [Piece(n, t, axis, replica=tied_copy) for n, t in zip(names, parts)]
             out.append(Entry(param, split, pieces, lora is not None))
         return out
 
