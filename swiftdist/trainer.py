@@ -52,6 +52,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         self.output_dir = Path(cfg.checkpoint.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)  # by every rank: each may write its sample log first
         self.precision = resolve_precision(cfg.train.precision)
         self.strategy = self._setup_strategy()
         found = self._find_checkpoint()
