@@ -43,19 +43,24 @@ class DCPStrategy(Strategy):
 
     @classmethod
     def load_tensors(cls, directory: str, names: list[str]) -> dict[str, torch.Tensor]:
-        reader = dcp.FileSystemReader(directory)
-        saved = reader.read_metadata().state_dict_metadata
-        missing = [n for n in names if f"model.{n}" not in saved]
-        if missing:
-            raise SwiftdistError(f"{directory}: the checkpoint has no tensor '{missing[0]}' "
-                                 f"({len(missing)} missing); was it trained from another base model?")
-        # DCP fills preallocated tensors, resharding from however many ranks wrote them.
-        state = {"model": {n: torch.empty(saved[f"model.{n}"].size, dtype=saved[f"model.{n}"].properties.dtype)
-                           for n in names}}
-        dcp.load(state, storage_reader=reader, no_dist=True)
-        return state["model"]
+        return read_tensors(directory, {n: f"model.{n}" for n in names})
 
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         state = get_model_state_dict(self.model, options=options)
         return state if self.dist.is_main else {}
+
+
+def read_tensors(directory: str, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Whole tensors {name: tensor} stored under `keys[name]` in a DCP checkpoint, with no process
+    group (also reads megatron-core's "torch_dist" checkpoints, which are DCP underneath)."""
+    reader = dcp.FileSystemReader(directory)
+    saved = reader.read_metadata().state_dict_metadata
+    missing = [n for n, k in keys.items() if k not in saved]
+    if missing:
+        raise SwiftdistError(f"{directory}: the checkpoint has no tensor '{missing[0]}' "
+                             f"({len(missing)} missing); was it trained from another base model?")
+    # DCP fills preallocated tensors, resharding from however many ranks wrote them.
+    state = {k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype) for k in keys.values()}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return {n: state[k] for n, k in keys.items()}

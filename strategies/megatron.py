@@ -28,6 +28,7 @@ from swiftdist import megatron_bridge as bridge
 from swiftdist.data import IGNORE
 from swiftdist.errors import SwiftdistError
 from swiftdist.strategies.base import Strategy, build_optimizer
+from swiftdist.strategies.dcp import read_tensors
 
 # HF linear-layer names (what --target-modules takes) -> the mcore layer that holds them.
 _LORA_TARGETS = {
@@ -312,18 +313,8 @@ class MegatronStrategy(Strategy):
 
     @classmethod
     def load_tensors(cls, directory: str, names: list[str]) -> dict[str, torch.Tensor]:
-        """Whole HF-named tensors from a checkpoint, however it was sharded (no process group needed)."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing import ShardedTensor
-
-        saved = dist_checkpointing.load_tensors_metadata(directory)
-        missing = [n for n in names if n not in saved]
-        if missing:
-            raise SwiftdistError(f"{directory}: the checkpoint has no tensor '{missing[0]}' "
-                                 f"({len(missing)} missing); was it trained from another base model?")
-        state = {n: ShardedTensor.from_rank_offsets(n, torch.empty(saved[n].global_shape, dtype=saved[n].dtype))
-                 for n in names}
-        return dist_checkpointing.load(state, directory)
+        # mcore's default "torch_dist" format is DCP underneath, keyed by our (HF) names.
+        return read_tensors(directory, {n: n for n in names})
 
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         """HF-named whole tensors on rank 0: TP shards gathered along their HF axis, then each pipeline
