@@ -9,6 +9,12 @@ from swiftdist.errors import SwiftdistError
 _REGISTRY = {
     "ddp": "ddp:DDPStrategy",
     "megatron": "megatron:MegatronStrategy",
+    "fsdp": "fsdp:FSDPStrategy",
+    "fsdp-offload": "fsdp:FSDPOffloadStrategy",
+    "zero2": "deepspeed:ZeroStrategy",
+    "zero2-offload": "deepspeed:Zero2OffloadStrategy",
+    "zero3": "deepspeed:Zero3Strategy",
+    "zero3-offload": "deepspeed:Zero3OffloadStrategy",
 }
 
 

@@ -29,8 +29,12 @@ class DDPStrategy(DCPStrategy):
 
     @classmethod
     def memory_estimate(cls, stats, world_size: int) -> dict[str, float]:
+        grads = stats.n_trainable * stats.trainable_bytes
         return {
-            "params": stats.param_bytes,
-            "grads": stats.grad_bytes,
-            "optimizer": stats.optimizer_bytes,
+            "params": stats.loaded_bytes,
+            # DDP all-reduces through flat buckets: a second copy of the gradients.
+            "buffers": grads if world_size > 1 else 0,
+            "grads": grads,
+            "optimizer": 2 * grads,  # Adam's two moments, in the weights' dtype
+            "host": 0,
         }

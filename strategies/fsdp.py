@@ -61,7 +61,18 @@ class FSDPStrategy(DCPStrategy):
 
     @classmethod
     def memory_estimate(cls, stats, world_size: int) -> dict[str, float]:
-        return stats.sharded(world_size, offload=cls.offload)
+        trainable = stats.n_trainable * stats.trainable_bytes
+        shards = {
+            "params": stats.loaded_bytes / world_size,
+            "grads": trainable / world_size,
+            "optimizer": 2 * trainable / world_size,  # Adam's moments, sharded like the weights
+        }
+        # Unsharded, in the compute dtype: the layer being computed, the next one (prefetched), and
+        # the gradients of one layer before they are reduce-scattered.
+        buffers = (2 * stats.layer_params + stats.layer_trainable) * stats.compute_bytes
+        if cls.offload:
+            return {"params": 0, "buffers": buffers, "grads": 0, "optimizer": 0, "host": sum(shards.values())}
+        return {**shards, "buffers": buffers, "host": 0}
 
 
 class FSDPOffloadStrategy(FSDPStrategy):

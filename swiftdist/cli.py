@@ -15,6 +15,7 @@ COMMANDS = {
     "sft": ("swiftdist.sft", "main", "fine-tune (same as python -m swiftdist.sft)"),
     "infer": ("swiftdist.infer", "main", "chat with a model or model + adapter"),
     "export": ("swiftdist.export", "main", "checkpoint -> plain HF safetensors dir (--merge-lora merges LoRA/QLoRA)"),
+    "estimate": ("swiftdist.estimate", "main", "memory per device for each strategy, from a model config alone"),
     "launch": ("swiftdist.launchers.torchrun", "main", "torchrun the training on this machine (one of several with --nnodes)"),
     "slurm": ("swiftdist.launchers.slurm", "main", "render|submit|status|cancel a SLURM batch job"),
     "env": ("swiftdist.cli", "env", "versions and devices on this machine"),

@@ -1,0 +1,278 @@
+"""DeepSpeed ZeRO: stage 2 shards gradients and optimizer state, stage 3 the parameters too.
+
+`-offload` keeps the optimizer state and its fp32 master weights (and for ZeRO-3 the parameters)
+in host memory and runs the optimizer step there. The DeepSpeed config is generated from ours;
+`--deepspeed-config FILE` supplies a user's own, checked against our flags before any model loads.
+
+How the trainer's verbs map onto the engine:
+- gradient accumulation: the engine is told which micro-batch ends the step
+  (`set_gradient_accumulation_boundary`), so it reduces gradients once, on the last one;
+- the loss is already the global token mean, so `engine.backward` must not divide it by the
+  accumulation steps again (`scale_wrt_gas=False`);
+- clipping happens inside `engine.step()` (config `gradient_clipping`); `clip_grad_norm` only
+  reads the norm the ZeRO optimizer will clip with, so the trainer can stop on a non-finite one
+  before the update;
+- bf16 is DeepSpeed's own mode: bf16 weights, fp32 master weights in the optimizer. The forward
+  still runs under the trainer's autocast, so the ops autocast keeps in fp32 match the DDP run.
+Checkpoints are DeepSpeed's own format (`save_checkpoint`), frozen weights excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from swiftdist.errors import SwiftdistError
+from swiftdist.strategies.base import Strategy, build_optimizer, param_groups
+
+# Keys of a user's DeepSpeed JSON that must agree with our flags ("auto" means: take ours).
+_MUST_MATCH = {
+    "train_micro_batch_size_per_gpu": "--batch-size",
+    "gradient_accumulation_steps": "--grad-accum",
+    "train_batch_size": "--batch-size x --grad-accum x ranks",
+    "gradient_clipping": "--max-grad-norm",
+}
+
+
+class ZeroStrategy(Strategy):
+    name = "zero2"
+    checkpoint_format = "deepspeed"
+    stage = 2
+    offload = False
+    _TAG = "zero"  # one checkpoint per directory, so a fixed tag
+
+    def __init__(self, cfg, dist, precision):
+        super().__init__(cfg, dist, precision)
+        self.ds_config = self._config()
+
+    # ---- config ---------------------------------------------------------------------------------
+
+    def _generated(self) -> dict:
+        t, on_gpu = self.cfg.train, self.dist.device.type == "cuda"
+        zero = {"stage": self.stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
+        if self.offload:
+            # Pinned host memory speeds up device<->host copies, and exists only with an accelerator.
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+            if self.stage == 3:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+        return {
+            "train_micro_batch_size_per_gpu": t.batch_size,
+            "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.batch_size * t.grad_accum * self.dist.world_size,
+            "gradient_clipping": max(t.max_grad_norm, 0.0),
+            "bf16": {"enabled": self.precision == "bf16"},
+            "zero_optimization": zero,
+            # Our AdamW (same update as the other strategies) is not one DeepSpeed lists as tested.
+            "zero_allow_untested_optimizer": True,
+            # With offload on a CPU host, torch's AdamW already runs where the state lives.
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1,  # our trainer logs; keep DeepSpeed's progress lines out
+        }
+
+    def _config(self) -> dict:
+        ours = self._generated()
+        path = self.cfg.parallel.deepspeed_config
+        if not path:
+            return ours
+        user = _read_json(path)
+        checks = dict(_MUST_MATCH)
+        for key, flag in checks.items():
+            value = user.get(key, "auto")
+            if value != "auto" and value != ours[key]:
+                raise SwiftdistError(f"--deepspeed-config {path}: {key} is {value!r} but {flag} gives {ours[key]!r}; "
+                                     f"set it to \"auto\" or change {flag}")
+            user[key] = ours[key]
+        if user.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+            raise SwiftdistError(f"--deepspeed-config {path}: fp16 is not supported (no loss scaling here); "
+                                 "remove the fp16 section and use --precision bf16")
+        bf16 = user.setdefault("bf16", {}).get("enabled", "auto")
+        if bf16 != "auto" and bool(bf16) != (self.precision == "bf16"):
+            raise SwiftdistError(f"--deepspeed-config {path}: bf16.enabled is {bf16} but --precision is "
+                                 f"{self.precision}; make them agree (or set it to \"auto\")")
+        user["bf16"]["enabled"] = self.precision == "bf16"
+        if "scheduler" in user:
+            raise SwiftdistError(f"--deepspeed-config {path}: remove the 'scheduler' section; swiftdist sets the "
+                                 "learning rate every step (--lr, --scheduler, --warmup-ratio)")
+        zero = user.setdefault("zero_optimization", {})
+        stage = zero.get("stage", self.stage)
+        offloads = bool(zero.get("offload_optimizer", {}).get("device", "none") != "none"
+                        or zero.get("offload_param", {}).get("device", "none") != "none")
+        if stage != self.stage or offloads != self.offload:
+            want = f"zero{stage}" + ("-offload" if offloads else "")
+            raise SwiftdistError(f"--deepspeed-config {path}: it asks for ZeRO stage {stage}"
+                                 f"{' with' if offloads else ' without'} offload, which is --strategy {want}, "
+                                 f"not {self.name}")
+        for key, value in ours["zero_optimization"].items():
+            zero.setdefault(key, value)
+        for key in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "steps_per_print"):
+            user.setdefault(key, ours[key])
+        return user
+
+    def _fill_model_sizes(self, hidden_size: int) -> None:
+        """Bucket sizes from the model width, as the HF Trainer's "auto" values do."""
+        zero = self.ds_config["zero_optimization"]
+        zero.setdefault("reduce_bucket_size", hidden_size * hidden_size)
+        if self.stage == 3:
+            zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+            # Tensors below this stay whole on every rank (norms, biases): cheap, and saves a gather.
+            zero.setdefault("stage3_param_persistence_threshold", 10 * hidden_size)
+
+    # ---- building -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def model_init_context(self):
+        """ZeRO-3: transformers builds the model under `zero.Init`, so each rank only ever holds its
+        partition. It does so while an HfDeepSpeedConfig is alive (4-bit models are partitioned
+        later, by deepspeed.initialize)."""
+        if self.stage != 3:
+            yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        hf_config = HfDeepSpeedConfig(self.ds_config)  # noqa: F841 -- registered globally by weakref
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+
+    def build_model(self, path):
+        import deepspeed
+        from transformers import AutoConfig
+
+        # DeepSpeed's collectives wrap our process group; zero.Init needs them to know the world size.
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        self._fill_model_sizes(AutoConfig.from_pretrained(path).hidden_size)
+        return super().build_model(path)
+
+    def wrap(self, model) -> None:
+        import deepspeed
+
+        optimizer = None if "optimizer" in self.ds_config else self._client_optimizer(model)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
+                                          dist_init_required=False)
+        self.model, self.optimizer = engine, engine.optimizer
+
+    def _client_optimizer(self, model) -> torch.optim.Optimizer:
+        if self.offload and self.dist.device.type == "cuda":
+            # The step runs on the host: DeepSpeed's vectorised CPU Adam is several times faster
+            # there than torch's. (On a CPU host torch's AdamW is used, and no extension is built.)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            t = self.cfg.train
+            return DeepSpeedCPUAdam(param_groups(model, self.cfg), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                    adamw_mode=True)
+        return build_optimizer(model, self.cfg)
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def no_sync(self, is_last_micro_batch: bool):
+        self.model.set_gradient_accumulation_boundary(is_last_micro_batch)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        # engine.step() clips by config["gradient_clipping"]; a different value here would be ignored.
+        if max(max_norm, 0.0) != self.ds_config["gradient_clipping"]:
+            raise SwiftdistError(f"--max-grad-norm {max_norm} differs from the DeepSpeed config's gradient_clipping")
+        opt = self.optimizer
+        if self.stage == 3:
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+
+            norm = combine_grad_norm_groups(opt._get_norm_groups())
+        else:
+            norm = opt.scaled_global_norm()
+        norm = torch.as_tensor(norm, dtype=torch.float32).cpu() / opt.loss_scale
+        # DeepSpeed reports an inf/NaN norm as -1; give the trainer a non-finite value it recognises.
+        return torch.where(norm < 0, torch.tensor(float("nan")), norm)
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.step()  # clips, updates, zeroes the gradients
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def save(self, directory: str) -> None:
+        self.model.save_checkpoint(directory, tag=self._TAG, exclude_frozen_parameters=True)
+
+    def load(self, directory: str, saved) -> None:
+        if saved.dp_size != self.dp_size:
+            raise SwiftdistError(f"--resume: this {self.name} checkpoint was written by {saved.dp_size} ranks; "
+                                 f"DeepSpeed resumes it only on {saved.dp_size} ranks (not {self.dp_size})")
+        # Not strict: the frozen base weights were left out of the checkpoint on purpose.
+        self.model.load_checkpoint(directory, tag=self._TAG, load_module_strict=False,
+                                   load_lr_scheduler_states=False)
+
+    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self.unwrapped().named_parameters():
+            if p.requires_grad:
+                # The fp32 master copy, not the bf16 weight the forward uses. Collective.
+                tensor = safe_get_full_fp32_param(p)
+            elif trainable_only:
+                continue
+            elif hasattr(p, "ds_id"):  # a ZeRO-3 partition: gather it (collective)
+                with deepspeed.zero.GatheredParameters([p]):
+                    tensor = p.data.clone()
+            else:
+                tensor = p.data
+            if self.dist.is_main:
+                out[name] = tensor.detach().cpu()
+        return out
+
+    @classmethod
+    def memory_estimate(cls, stats, world_size: int) -> dict[str, float]:
+        # The module runs in the compute dtype; the optimizer holds an fp32 master copy of the
+        # trainable weights plus Adam's two fp32 moments, and fp32 gradients, all partitioned.
+        parts = {
+            "params": stats.low_precision_bytes / (world_size if cls.stage == 3 else 1),
+            "grads": 4 * stats.n_trainable / world_size,
+            "optimizer": 12 * stats.n_trainable / world_size,
+        }
+        buffers = stats.hidden_size**2 * stats.compute_bytes  # the gradient reduce bucket
+        if cls.stage == 3:  # the layer being computed and the prefetched one, gathered
+            buffers += 2 * stats.layer_params * stats.compute_bytes
+        host = 0.0
+        if cls.offload:
+            moved = ("grads", "optimizer", "params") if cls.stage == 3 else ("grads", "optimizer")
+            host = sum(parts[k] for k in moved)
+            parts.update({k: 0 for k in moved})
+        return {**parts, "buffers": buffers, "host": host}
+
+
+class Zero2OffloadStrategy(ZeroStrategy):
+    name = "zero2-offload"
+    offload = True
+
+
+class Zero3Strategy(ZeroStrategy):
+    name = "zero3"
+    stage = 3
+
+
+class Zero3OffloadStrategy(Zero3Strategy):
+    name = "zero3-offload"
+    offload = True
+
+
+def _read_json(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SwiftdistError(f"--deepspeed-config {path}: cannot read it ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SwiftdistError(f"--deepspeed-config {path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise SwiftdistError(f"--deepspeed-config {path}: expected a JSON object")
+    return data
