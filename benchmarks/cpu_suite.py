@@ -1,0 +1,125 @@
+"""CPU suite: swiftdist against a hand-written loop and HF Trainer on the same job, side by side.
+
+Contenders run one after another, round after round (`repeats`), so machine load drifting over
+the run hits all of them alike; each ratio is taken within a round and the median over rounds is
+reported. Absolute seconds on a shared machine are noise; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+from benchmarks.runner import Contender, RunResult, launch, median_after_warmup
+from benchmarks.spec import BenchSpec
+
+HAND, HAND_DDP, HF = "hand-written loop", "hand-written loop, DDP", "HF Trainer"
+SWIFT_1P = "swiftdist ddp, 1 process"
+
+
+def swiftdist_strategies(spec: BenchSpec, nproc: int) -> tuple[list[str], dict[str, str]]:
+    """Registered strategies that accept this job on `nproc` ranks, and why the others refuse it."""
+    from swiftdist import strategies
+    from swiftdist.config import parse_config
+
+    cfg = parse_config(spec.swiftdist_argv("ddp", nproc, tempfile.gettempdir()))
+    runnable, refused = [], {}
+    for name in strategies.names():
+        reason = strategies.get_strategy_class(name).refusal(cfg, spec.precision)
+        if reason:
+            refused[name] = reason
+        else:
+            runnable.append(name)
+    return runnable, refused
+
+
+def contenders(spec: BenchSpec, nproc: int, only: list[str] | None) -> tuple[list[Contender], dict[str, str]]:
+    runnable, refused = swiftdist_strategies(spec, nproc)
+    if only:
+        refused.update({s: "not selected (--strategies)" for s in runnable if s not in only})
+        runnable = [s for s in runnable if s in only]
+    out = [Contender(HAND, "benchmarks.handloop", 1),
+           Contender(HF, "benchmarks.hf_trainer", 1, reference=HAND),
+           Contender(SWIFT_1P, "benchmarks.swiftdist_worker", 1, ["ddp"], reference=HAND)]
+    if nproc > 1:
+        out.append(Contender(HAND_DDP, "benchmarks.handloop", nproc))
+        out += [Contender(f"swiftdist {s}", "benchmarks.swiftdist_worker", nproc, [s], reference=HAND_DDP)
+                for s in runnable]
+    return out, refused
+
+
+def run(spec: BenchSpec, out_dir: Path, nproc: int, repeats: int, warmup: int, only: list[str] | None,
+        timeout: int, say=print) -> tuple[list[dict], list[str]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = spec.save(out_dir / "spec.json")
+    field, refused = contenders(spec, nproc, only)
+    results: dict[str, list[RunResult]] = {c.name: [] for c in field}
+    for r in range(repeats):
+        for c in field:
+            res = launch(c, spec_path, out_dir / "runs" / f"{c.name.replace(' ', '_').replace(',', '')}-r{r}", timeout)
+            results[c.name].append(res)
+            say(f"round {r + 1}/{repeats} {c.name} ({c.nproc}p): "
+                + (f"{median_after_warmup(res.step_s, warmup):.3f} s/step" if res.ok else res.error))
+    rows = [_row(c, results, warmup) for c in field]
+    rows += [{"contender": f"swiftdist {s}", "procs": nproc, "status": f"skipped: {why}"} for s, why in refused.items()]
+    import importlib.util
+
+    if importlib.util.find_spec("swift") is None:
+        rows.append({"contender": "ms-swift", "procs": 1, "status": "skipped: not installed (import swift fails)"})
+    return rows, _verdicts(rows, nproc)
+
+
+def _row(c: Contender, results: dict[str, list[RunResult]], warmup: int) -> dict:
+    runs = results[c.name]
+    good = [r for r in runs if r.ok]
+    row = {"contender": c.name, "procs": c.nproc, "reference": c.reference or "",
+           "status": "ok" if len(good) == len(runs) else "; ".join(r.error for r in runs if not r.ok)}
+    if not good:
+        return row
+    medians = [median_after_warmup(r.step_s, warmup) for r in good]
+    row["step_s"] = statistics.median(medians)
+    row["step_s_per_round"] = medians
+    if c.reference:
+        ratios = [median_after_warmup(mine.step_s, warmup) / median_after_warmup(ref.step_s, warmup)
+                  for mine, ref in zip(runs, results[c.reference]) if mine.ok and ref.ok]
+        row["ratio"] = statistics.median(ratios) if ratios else None
+        row["ratio_per_round"] = ratios
+    else:
+        row["ratio"] = 1.0
+    last = good[-1]
+    row["peak_rss_gib"] = max(rk["peak_rss_gib"] for rk in last.ranks)
+    row["tensor_gib"] = max(rk["tensor_gib"] for rk in last.ranks)
+    row["per_rank"] = [{k: rk[k] for k in ("rank", "peak_rss_gib", "tensor_gib")} for rk in last.ranks]
+    row["loss_first"], row["loss_last"] = last.ranks[0]["losses"][0], last.ranks[0]["losses"][-1]
+    row["steps_timed"] = len(last.step_s) - min(warmup, len(last.step_s) - 1)
+    return row
+
+
+def _verdicts(rows: list[dict], nproc: int) -> list[str]:
+    """The issue's goals, checked against this run's figures."""
+    by = {r["contender"]: r for r in rows}
+    notes = []
+    ddp1 = by.get(SWIFT_1P, {})
+    if ddp1.get("ratio") is not None:
+        ok = "met" if ddp1["ratio"] <= 1.05 else "MISSED"
+        notes.append(f"Goal swiftdist DDP overhead <= 1.05x the hand-written loop (1 process): "
+                     f"{ddp1['ratio']:.3f}x, {ok}.")
+        hf = by.get(HF, {})
+        if hf.get("ratio") is not None:
+            ok = "met" if ddp1["ratio"] < hf["ratio"] else "MISSED"
+            notes.append(f"Goal faster than HF Trainer: swiftdist ddp {ddp1['ratio']:.3f}x vs HF Trainer "
+                         f"{hf['ratio']:.3f}x of the hand-written loop, {ok}.")
+    ddp2 = by.get("swiftdist ddp", {})
+    if ddp2.get("ratio") is not None:
+        ok = "met" if ddp2["ratio"] <= 1.05 else "MISSED"
+        notes.append(f"Goal swiftdist DDP overhead <= 1.05x the hand-written DDP loop ({nproc} processes): "
+                     f"{ddp2['ratio']:.3f}x, {ok}.")
+    sharded = [r for r in rows if r["contender"].startswith("swiftdist ") and r["procs"] == nproc > 1
+               and r is not ddp2 and "tensor_gib" in r]
+    if "tensor_gib" in ddp2 and sharded:
+        below = [r["contender"] for r in sharded if r["tensor_gib"] < ddp2["tensor_gib"]]
+        not_below = [r["contender"] for r in sharded if r["tensor_gib"] >= ddp2["tensor_gib"]]
+        notes.append(f"Goal sharded per-rank memory below DDP's ({ddp2['tensor_gib']:.3f} GiB of tensors per rank, "
+                     f"{nproc} ranks): below: {', '.join(below) or 'none'}; not below: {', '.join(not_below) or 'none'}.")
+    return notes
