@@ -17,8 +17,9 @@ from benchmarks.spec import BenchSpec
 
 CPU_COLUMNS = [("contender", "contender"), ("procs", "procs"), ("step_s", "s/step (median)"),
                ("ratio", "× reference"), ("reference", "reference"), ("peak_rss_gib", "peak RSS/rank GiB"),
-               ("tensor_gib", "tensors/rank GiB"), ("loss_first", "loss step 1"), ("loss_last", "loss last"),
-               ("status", "status")]
+               ("tensor_gib", "tensors/rank GiB"), ("est_states_gib", "estimate: states/rank GiB"),
+               ("est_total_gib", "estimate: + activations GiB"), ("loss_first", "loss step 1"),
+               ("loss_last", "loss last"), ("status", "status")]
 
 
 def parse_args(argv):
@@ -29,6 +30,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     p.add_argument("--repeats", type=int, default=1, help="rounds of all contenders (ratios: median over rounds)")
     p.add_argument("--procs", type=int, default=2, help="cpu: ranks for the multi-process contenders (1: none)")
+    p.add_argument("--gpus", type=int, default=1, help="gpu: GPUs (ranks, DDP) per run")
     p.add_argument("--strategies", nargs="*", default=None, help="swiftdist strategies to include (default: all that accept the job)")
     p.add_argument("--gpu-models", nargs="*", default=None, help="gpu: subset of the built-in configs")
     p.add_argument("--train-types", nargs="*", default=["lora", "qlora"], help="gpu: train types to run")
@@ -55,6 +57,8 @@ def cpu_suite(args) -> int:
         "HF Trainer = interval between step ends (its callbacks and logging included).",
         "peak RSS/rank: each process's ru_maxrss; tensors/rank: CPU tensor storages the process holds after its last "
         "step (weights, optimizer state, gradient buffers) - on CPU the figure that shows sharding (RSS does not).",
+        "estimate: `swiftdist estimate` for the same job (seq 128: the longest self-cognition row is 112 tokens); "
+        "states = weights + grads + optimizer, comparable to tensors/rank; RSS adds the Python/torch runtime.",
         "Measured on a shared machine: absolute times are noisy, compare the ratios.",
     ]
     meta = {"model": model, "train_type": spec.train_type, "precision": spec.precision, "global_batch": spec.global_batch,

@@ -26,6 +26,8 @@ class Contender:
     args: list[str] = field(default_factory=list)
     reference: str | None = None
     """Name of the contender its step-time ratio is taken against (None: it is a reference)."""
+    layout: str = "ddp"
+    """The swiftdist strategy whose memory layout it has (for `swiftdist estimate`): peers replicate like DDP."""
 
 
 @dataclass
