@@ -38,6 +38,11 @@ class Strategy(ABC):
         """
         return None
 
+    @classmethod
+    def resolve(cls, cfg: RunConfig, precision: str, dist: DistInfo) -> type["Strategy"]:
+        """The strategy class that will actually run (`auto` picks one here); most strategies are themselves."""
+        return cls
+
     @property
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel replicas (model-parallel ranks share data)."""
@@ -148,10 +153,40 @@ class Strategy(ABC):
         """Rank 0: write full_state_dict() as a peft adapter (LoRA) or an HF model dir (full)."""
         self.unwrapped().save_pretrained(directory, state_dict=state_dict)
 
+    def state_bytes(self) -> dict[str, dict[str, int]]:
+        """Bytes of the parameter and optimizer-state tensors this rank holds, by device type, e.g.
+        {"params": {"cuda": ...}, "optimizer": {"cpu": ...}}. Shows sharding and offload directly
+        (on a CPU host the process RSS cannot)."""
+        return _storage_bytes(self._state_tensors())
+
+    def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        from torch.distributed.tensor import DTensor
+
+        def local(t):  # an FSDP2 shard is a DTensor; its storage is that of the local piece
+            return t.to_local() if isinstance(t, DTensor) else t
+
+        params = [local(p) for p in self.model.parameters()]
+        optimizer = [local(t) for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return {"params": params, "optimizer": optimizer}
+
     @classmethod
     def memory_estimate(cls, stats: "ModelStats", world_size: int) -> dict[str, float]:  # noqa: F821
         """Bytes per device: params, grads, optimizer, (activations are added by the estimator)."""
         raise NotImplementedError
+
+
+def _storage_bytes(kinds: dict[str, list[torch.Tensor]]) -> dict[str, dict[str, int]]:
+    """Sum storage sizes per kind and device type; a storage shared by several tensors counts once."""
+    seen, out = set(), {}
+    for kind, tensors in kinds.items():
+        out[kind] = {}
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = (t.device, storage.data_ptr())
+            if storage.nbytes() and key not in seen:
+                seen.add(key)
+                out[kind][t.device.type] = out[kind].get(t.device.type, 0) + storage.nbytes()
+    return out
 
 
 def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:

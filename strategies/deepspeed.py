@@ -229,6 +229,15 @@ class ZeroStrategy(Strategy):
                 out[name] = tensor.detach().cpu()
         return out
 
+    def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        # ZeRO-3 keeps each parameter's partition in ds_tensor. The ZeRO optimizer holds the fp32
+        # master partitions (attribute named per stage) and steps a torch optimizer on them.
+        params = [getattr(p, "ds_tensor", p) for p in self.model.module.parameters()]
+        opt = self.optimizer
+        masters = list(getattr(opt, "fp32_partitioned_groups_flat", None) or opt.single_partition_of_fp32_groups)
+        moments = [t for state in opt.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return {"params": params, "optimizer": masters + moments}
+
     @classmethod
     def memory_estimate(cls, stats, world_size: int) -> dict[str, float]:
         # The module runs in the compute dtype; the optimizer holds an fp32 master copy of the

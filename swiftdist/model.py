@@ -233,6 +233,6 @@ def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contex
 
 
 def count_params(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
+    # A parameter that ZeRO-3 partitioned while it loaded is empty here; ds_numel is its real size.
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trainable in sizes if trainable), sum(n for n, _ in sizes)
