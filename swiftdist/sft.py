@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import sys
 
+from swiftdist import preemption
 from swiftdist.config import help_text, parse_config
-from swiftdist.distributed import destroy, init_distributed, setup_logging
 from swiftdist.errors import SwiftdistError
 
 
 def run(argv: list[str]) -> int:
     cfg = parse_config(argv)
+    from swiftdist.distributed import destroy, init_distributed, setup_logging
+
     dist_info = init_distributed()
     setup_logging(dist_info.rank)
     try:
@@ -26,6 +28,8 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Before torch is imported (seconds): a stop request during startup is kept, not fatal.
+    preemption.install()
     if argv and argv[0] in ("-h", "--help"):
         print(help_text())
         return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from swiftdist import checkpoint
+from swiftdist import checkpoint, preemption
 from swiftdist.config import RunConfig, save_config
 from swiftdist.data import IGNORE, Sample, StepSampler, build_datasets, collate
 from swiftdist.distributed import DistInfo, barrier
@@ -78,7 +77,6 @@ class Trainer:
         saved = self._resume(found)
         self.total_samples = self.state.total_samples = self._run_length(saved)
         self.total_steps = self.state.step + self._steps_left()
-        self._stop_signal = None
         self.metrics = Metrics(str(self.output_dir), list(cfg.log.report_to), self.total_steps, self.state.step,
                                cfg.log.wandb_project, cfg.log.wandb_mode, OmegaConf.to_container(OmegaConf.structured(cfg)),
                                enabled=dist_info.is_main)
@@ -93,7 +91,7 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------
 
     def _setup_strategy(self):
-        cls = get_strategy_class(self.cfg.parallel.strategy).resolve(self.cfg, self.precision, self.dist)
+        cls = get_strategy_class(self.cfg.parallel.strategy)
         reason = cls.refusal(self.cfg, self.precision)
         if reason:
             raise SwiftdistError(f"--strategy {cls.name} --train-type {self.cfg.model.train_type} "
@@ -154,7 +152,6 @@ class Trainer:
         cfg = self.cfg
         self._install_signal_handlers()
         self.strategy.model.train()  # from_pretrained returns eval mode: dropout would be off
-        first_step = self.state.step
         while self.state.consumed_total < self.total_samples:
             t0 = time.perf_counter()
             micro_batches, n_samples = self._next_batches()
@@ -172,8 +169,6 @@ class Trainer:
             self.strategy.step(lr)
             self._advance(n_samples)
             self._log_step(loss, grad_norm, lr, micro_batches, time.perf_counter() - t0)
-            if self.state.step == first_step + 1:  # the optimizer state exists from the first step on
-                self._log_state()
             if cfg.train.eval_steps and self.state.step % cfg.train.eval_steps == 0 and self.data.val:
                 self._log_eval()
             if cfg.checkpoint.save_steps and self.state.step % cfg.checkpoint.save_steps == 0:
@@ -183,6 +178,7 @@ class Trainer:
                 if self._saved_step != self.state.step:
                     self.save()
                 self.metrics.close()
+                preemption.clear()
                 return PREEMPTED_EXIT_CODE
         if self.data.val:
             self._log_eval()
@@ -227,12 +223,6 @@ class Trainer:
                 "tokens_per_s": tokens.item() / seconds, "step_s": seconds,
                 "peak_mem_gib": peak_memory_gib(self.dist.device),
             })
-
-    def _log_state(self) -> None:
-        """What rank 0 holds of parameters and optimizer state, per device type (shows sharding and offload)."""
-        held = self.strategy.state_bytes()
-        self.metrics.log({"step": self.state.step, **{f"{kind}_mib_{device}": n / 2**20
-                                                      for kind, devices in held.items() for device, n in devices.items()}})
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -296,14 +286,12 @@ class Trainer:
         barrier()
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            self._stop_signal = signum
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        # `python -m swiftdist.sft` installed them at startup already; an in-process run did not.
+        preemption.install()
 
     def _preempted(self) -> bool:
         """All ranks agree at a step boundary: if any rank was signalled, every rank saves and stops."""
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.dist.device)
+        flag = torch.tensor([1.0 if preemption.requested() else 0.0], device=self.dist.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
