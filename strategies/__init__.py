@@ -15,6 +15,7 @@ _REGISTRY = {
     "zero2-offload": "deepspeed:Zero2OffloadStrategy",
     "zero3": "deepspeed:Zero3Strategy",
     "zero3-offload": "deepspeed:Zero3OffloadStrategy",
+    "auto": "auto:AutoStrategy",
 }
 
 

@@ -97,6 +97,8 @@ class ParallelConfig:
     """Pipeline-parallel size (megatron)."""
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON to use instead of the generated one (zero* strategies)."""
+    gpu_memory: float = 0.0
+    """GiB per device that --strategy auto may plan for (0: the device's own size)."""
 
 
 @dataclass

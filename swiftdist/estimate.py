@@ -134,6 +134,11 @@ def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int
             if model_cfg.gradient_checkpointing:
                 model.enable_input_require_grads()
         model.train()
+    counts = {  # before to_empty(), which would untie tied embeddings
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "quantized": n_quantized,
+    }
     # Fake CPU tensors rather than bare meta ones: transformers skips its data-dependent mask checks
     # for them, and attention dispatches to the fused kernel (no seq x seq matrix), as on a GPU.
     # The trainer's forward runs under bf16 autocast, which decides what dtype saved tensors have.
@@ -142,12 +147,7 @@ def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int
         model.to_empty(device="cpu")
         ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
         model(input_ids=ids, labels=ids)
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "quantized": n_quantized,
-        "activations": sum(saved.values()),
-    }
+    return {**counts, "activations": sum(saved.values())}
 
 
 def model_stats(model: str, model_cfg: ModelConfig, precision: str, seq_len: int, micro_batch: int) -> ModelStats:
