@@ -193,8 +193,12 @@ def resolve_job(target: str) -> str:
 
 def job_info(job_id: str) -> dict[str, str]:
     """`scontrol show job` as a dict (JobState, RestartCnt, NodeList, Reason, RunTime, ...)."""
-    out = _slurm(["scontrol", "show", "job", "--oneliner", job_id])
-    return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+    out = _slurm(["scontrol", "show", "job", "--oneliner", job_id]).strip()
+    # The job name may hold spaces and '='; scontrol always prints UserId right after it.
+    name = re.search(r"JobName=(.*?) UserId=", out)
+    rest = out[:name.start()] + out[name.end(1):]
+    info = dict(tok.split("=", 1) for tok in rest.split() if "=" in tok)
+    return {**info, "JobName": name.group(1)}
 
 
 def _slurm(cmd: list[str]) -> str:
