@@ -52,7 +52,7 @@ def contenders(spec: BenchSpec, nproc: int, only: list[str] | None) -> tuple[lis
 
 
 def run(spec: BenchSpec, out_dir: Path, nproc: int, repeats: int, warmup: int, only: list[str] | None,
-        timeout: int, say=print) -> tuple[list[dict], list[str]]:
+        timeout: int, say=lambda line: print(line, flush=True)) -> tuple[list[dict], list[str]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = spec.save(out_dir / "spec.json")
     field, refused = contenders(spec, nproc, only)

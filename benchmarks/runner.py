@@ -85,8 +85,11 @@ def launch(c: Contender, spec_path: Path, run_dir: Path, timeout: int) -> RunRes
     if rc == 0 and len(ranks) == c.nproc:
         return RunResult(True, seconds, ranks)
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    # torchrun ends a failure with its own summary; the cause is the first rank's exception line.
+    raised = [ln for ln in lines if "Error: " in ln and "ChildFailedError" not in ln]
+    cause = (raised or lines or ["no output"])[0 if raised else -1][:200]
     why = f"timed out after {timeout}s" if rc is None else f"exit {rc}"
-    return RunResult(False, seconds, ranks, f"{why}: {lines[-1][:200] if lines else 'no output'} (log: {log})")
+    return RunResult(False, seconds, ranks, f"{why}: {cause} (log: {log})")
 
 
 def median_after_warmup(step_s: list[float], warmup: int) -> float:
