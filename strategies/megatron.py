@@ -18,6 +18,7 @@ optimizer (which needs deeper CPU patches), so optimizer state is replicated ove
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,6 +57,9 @@ class MegatronStrategy(Strategy):
         if dist_info.world_size % (tp * pp):
             raise SwiftdistError(f"--tp {tp} x --pp {pp} = {tp * pp} must divide the world size "
                                  f"{dist_info.world_size}; launch a multiple of {tp * pp} processes")
+        # mcore announces at import that it falls back from Apex / Transformer Engine kernels to its
+        # local ones; that is the intended setup here, not something for the user to act on.
+        warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed", category=UserWarning)
         from swiftdist.compat import megatron_cpu
 
         megatron_cpu.apply()
@@ -176,7 +180,10 @@ class MegatronStrategy(Strategy):
         def forward_step(data_iterator, model):
             b = next(data_iterator)
             with self.autocast():
-                per_token = model(b["input_ids"], b["position_ids"], b["attention_mask"], labels=b["labels"])
+                output = model(b["input_ids"], b["position_ids"], b["attention_mask"], labels=b["labels"])
+            # Under bf16 autocast a stage may emit bf16 hidden states, but the next stage receives
+            # into pipeline_dtype (fp32) buffers, raw bytes over p2p: send what it expects.
+            per_token = output.to(self.config.pipeline_dtype)
 
             def loss_func(per_token):
                 loss = (per_token.float() * b["loss_mask"]).sum() / num_items

@@ -25,6 +25,7 @@ def apply() -> None:
     _no_op_synchronize()
     _cpu_schedule_buffers()
     _cpu_rng_tracker()
+    _cpu_autocast_in_linear_backward()
 
 
 def _cpu_current_device() -> None:
@@ -94,3 +95,15 @@ def _cpu_rng_tracker() -> None:
 
     random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def _cpu_autocast_in_linear_backward() -> None:
+    # mcore's parallel linear autograd Functions are decorated with torch.amp.custom_fwd/custom_bwd
+    # for device_type="cuda": backward replays the forward's *CUDA* autocast state. Under CPU bf16
+    # autocast the backward then multiplies a bf16 gradient by the fp32 weight and fails. Decorate
+    # the same functions for the CPU instead, as the library does for CUDA.
+    from megatron.core.tensor_parallel import layers
+
+    for fn in (layers.LinearWithFrozenWeight, layers.LinearWithGradAccumulationAndAsyncCommunication):
+        fn.forward = staticmethod(torch.amp.custom_fwd(fn.forward.__wrapped__, device_type="cpu"))
+        fn.backward = staticmethod(torch.amp.custom_bwd(fn.backward.__wrapped__, device_type="cpu"))
