@@ -91,7 +91,7 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------
 
     def _setup_strategy(self):
-        cls = get_strategy_class(self.cfg.parallel.strategy)
+        cls = get_strategy_class(self.cfg.parallel.strategy).resolve(self.cfg, self.precision, self.dist)
         reason = cls.refusal(self.cfg, self.precision)
         if reason:
             raise SwiftdistError(f"--strategy {cls.name} --train-type {self.cfg.model.train_type} "
@@ -152,6 +152,7 @@ class Trainer:
         cfg = self.cfg
         self._install_signal_handlers()
         self.strategy.model.train()  # from_pretrained returns eval mode: dropout would be off
+        first_step = self.state.step
         while self.state.consumed_total < self.total_samples:
             t0 = time.perf_counter()
             micro_batches, n_samples = self._next_batches()
@@ -169,7 +170,9 @@ class Trainer:
             self.strategy.step(lr)
             self._advance(n_samples)
             self._log_step(loss, grad_norm, lr, micro_batches, time.perf_counter() - t0)
-            if cfg.train.eval_steps and self.state.step % cfg.train.eval_steps == 0 and self.data.val:
+            if self.state.step == first_step + 1:  # the optimizer state exists from the first step on
+                self._log_state()
+            if self._eval_due():
                 self._log_eval()
             if cfg.checkpoint.save_steps and self.state.step % cfg.checkpoint.save_steps == 0:
                 self.save()
@@ -180,7 +183,7 @@ class Trainer:
                 self.metrics.close()
                 preemption.clear()
                 return PREEMPTED_EXIT_CODE
-        if self.data.val:
+        if self.data.val and not self._eval_due():  # the end always gets an eval, but only one
             self._log_eval()
         if self._saved_step != self.state.step:
             self.save()
@@ -224,6 +227,12 @@ class Trainer:
                 "peak_mem_gib": peak_memory_gib(self.dist.device),
             })
 
+    def _log_state(self) -> None:
+        """What rank 0 holds of parameters and optimizer state, per device type (shows sharding and offload)."""
+        held = self.strategy.state_bytes()
+        self.metrics.log({"step": self.state.step, **{f"{kind}_mib_{device}": n / 2**20
+                                                      for kind, devices in held.items() for device, n in devices.items()}})
+
     @torch.no_grad()
     def evaluate(self) -> float:
         val, pad = self.data.val, self.tokenizer.pad_token_id
@@ -240,6 +249,10 @@ class Trainer:
             tokens += (batch["labels"][:, 1:] != IGNORE).sum()
         self.strategy.model.train()
         return (self.strategy.all_reduce_dp(loss_sum) / self.strategy.all_reduce_dp(tokens.float())).item()
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.train.eval_steps
+        return bool(self.data.val) and every > 0 and self.state.step % every == 0
 
     def _log_eval(self) -> None:
         self.metrics.log({"step": self.state.step, "eval_loss": self.evaluate()})
