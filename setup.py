@@ -1,3 +1,5 @@
+from glob import glob
+
 from setuptools import setup
 
 setup(
@@ -8,6 +10,9 @@ setup(
     packages=["swiftdist", "swiftdist.compat", "swiftdist.strategies", "swiftdist.launchers"],
     package_dir={"swiftdist.strategies": "strategies", "swiftdist.launchers": "launchers"},
     package_data={"swiftdist": ["data/*.jsonl"]},
+    # The SLURM templates stay a top-level folder (users read and adapt them); a non-editable
+    # install carries a copy under <prefix>/share/swiftdist/slurm.
+    data_files=[("share/swiftdist/slurm", glob("slurm/*"))],
     # torch is deliberately not listed: the install scripts put it in first (TORCH_SPEC), so
     # pip never swaps a local CPU wheel for a multi-GB CUDA build.
     install_requires=[

@@ -30,7 +30,10 @@ from typing import Optional
 from swiftdist.errors import SwiftdistError
 from swiftdist.launchers.torchrun import TORCHRUN_ENV, ShellVar, TorchrunSpec, split_double_dash, sft_command
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
+# The checkout's slurm/ (editable install), else the copy setup.py installs under <prefix>/share.
+TEMPLATES = next((p for p in (Path(__file__).resolve().parent.parent / "slurm",
+                              Path(sys.prefix) / "share" / "swiftdist" / "slurm") if p.is_dir()),
+                 Path(__file__).resolve().parent.parent / "slurm")
 JOB_ID_FILE = "slurm-job-id"
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # sbatch reads #SBATCH lines itself: it understands quotes, but a newline ends the line and a
