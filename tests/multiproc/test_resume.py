@@ -31,6 +31,11 @@ pytestmark = pytest.mark.slow
 
 ROWS = 16
 DCP_STRATEGIES = [s for s in ("ddp", "fsdp") if s in names()]
+ALL_STRATEGIES = [s for s in ("ddp", "fsdp", "zero2", "zero3") if s in names()]
+# DeepSpeed reads a checkpoint only on the world size that wrote it, until its strategy converts it
+# to a universal checkpoint on load (issue 4); strict, so the case fails loudly once that works.
+RESHARDING = [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="DeepSpeed: no universal checkpoint yet"))
+              if s.startswith("zero") else s for s in ALL_STRATEGIES if s != "zero2"]
 
 
 def train_args(data: Path, out: Path, *extra: str, strategy: str = "ddp", dropout: float = 0.05) -> list[str]:
@@ -102,7 +107,7 @@ def resume(nproc: int, ref: Path, step: int, out: Path, *extra: str, strategy: s
     return sft(nproc, args)
 
 
-@pytest.mark.parametrize("strategy", DCP_STRATEGIES)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_resume_on_the_same_world_size_is_bit_exact(tmp_path_factory, tmp_path, strategy):
     ref = reference(tmp_path_factory, strategy)
     resume(2, ref, 2, tmp_path / "out", strategy=strategy)
@@ -112,10 +117,10 @@ def test_resume_on_the_same_world_size_is_bit_exact(tmp_path_factory, tmp_path, 
     assert samples_by_step(tmp_path / "out") == expected
 
 
-@pytest.mark.parametrize("strategy", DCP_STRATEGIES)
-def test_two_ranks_resume_on_one_with_the_same_global_batch(tmp_path_factory, tmp_path, strategy):
-    ref = reference(tmp_path_factory, strategy, dropout=0.0)
-    resume(1, ref, 2, tmp_path / "out", strategy=strategy, dropout=0.0, batch_size=4)
+def test_two_ranks_resume_on_one_with_the_same_global_batch(tmp_path_factory, tmp_path):
+    """DDP only: FSDP reads the same DCP shards (test_resume_under_another_dcp_strategy, 2 -> 3 below)."""
+    ref = reference(tmp_path_factory, "ddp", dropout=0.0)
+    resume(1, ref, 2, tmp_path / "out", dropout=0.0, batch_size=4)
     resumed, original = samples_by_step(tmp_path / "out"), samples_by_step(ref)
     assert {s: (e, sorted(ids)) for s, (e, ids) in resumed.items()} == \
            {s: (e, sorted(ids)) for s, (e, ids) in original.items() if s > 2}
@@ -123,7 +128,7 @@ def test_two_ranks_resume_on_one_with_the_same_global_batch(tmp_path_factory, tm
     assert_same_adapter(adapter(tmp_path / "out"), adapter(ref), atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", DCP_STRATEGIES)
+@pytest.mark.parametrize("strategy", RESHARDING)
 def test_two_ranks_resume_on_three_and_cover_each_sample_once(tmp_path_factory, tmp_path, strategy):
     ref = reference(tmp_path_factory, strategy)
     resume(3, ref, 2, tmp_path / "out", strategy=strategy)
