@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import torch
+
 from benchmarks.spec import BenchSpec
 
 
 def estimated_gib(model: str, spec: BenchSpec, strategies: list[str], world_size: int, seq_len: int,
                   micro_batch: int) -> dict[str, dict[str, float]]:
     """strategy -> {"states": params + buffers + grads + optimizer, "total": states + activations} in GiB,
-    for the strategies the estimator knows (megatron has no formula yet)."""
+    for the strategies the estimator knows (megatron has no formula yet). On CPU the "host" memory
+    that offloading strategies move state to is the same memory, so it counts in both figures."""
     from swiftdist.config import ModelConfig
     from swiftdist.estimate import estimate, model_stats
 
@@ -21,5 +24,7 @@ def estimated_gib(model: str, spec: BenchSpec, strategies: list[str], world_size
             parts = estimate(stats, name, world_size)
         except NotImplementedError:
             continue
-        out[name] = {"states": (parts["total"] - parts["activations"]) / 2**30, "total": parts["total"] / 2**30}
+        host = parts["host"] if not torch.cuda.is_available() else 0
+        out[name] = {"states": (parts["total"] - parts["activations"] + host) / 2**30,
+                     "total": (parts["total"] + host) / 2**30}
     return out
