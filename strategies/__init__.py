@@ -28,3 +28,28 @@ def get_strategy_class(name: str):
         raise SwiftdistError(f"--strategy {name}: unknown strategy; choose one of: {', '.join(_REGISTRY)}")
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(f"swiftdist.strategies.{module}"), cls)
+
+
+def support_matrix() -> str:
+    """Markdown table of which strategy runs which train type x precision, from each strategy's own
+    refusal(); the README embeds it and a test keeps the two equal."""
+    from swiftdist.config import RunConfig
+
+    combos = [(t, p) for t in ("full", "lora", "qlora") for p in ("bf16", "fp32")]
+    lines = ["| strategy | " + " | ".join(f"{t} {p}" for t, p in combos) + " |",
+             "|---|" + "---|" * len(combos)]
+    reasons: list[str] = []
+    for name in names():
+        if name == "auto":  # not a backend: it runs one of the others
+            continue
+        cells = []
+        for train_type, precision in combos:
+            cfg = RunConfig()
+            cfg.model.train_type = train_type
+            reason = get_strategy_class(name).refusal(cfg, precision)
+            if reason and reason not in reasons:
+                reasons.append(reason)
+            cells.append(f"no ({reasons.index(reason) + 1})" if reason else "yes")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines += [""] + [f"({i}) {r}" for i, r in enumerate(reasons, 1)]
+    return "\n".join(lines).rstrip() + "\n"

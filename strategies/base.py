@@ -22,6 +22,7 @@ class Strategy(ABC):
     name: ClassVar[str]
     checkpoint_format: ClassVar[str]
     """What save() writes (e.g. "dcp"); a resume refuses a checkpoint of another format with a clear reason."""
+    reads_deepspeed_config: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, dist: DistInfo, precision: str):
         self.cfg, self.dist, self.precision = cfg, dist, precision
@@ -34,8 +35,13 @@ class Strategy(ABC):
     def refusal(cls, cfg: RunConfig, precision: str) -> str | None:
         """Why this strategy cannot run `cfg` (train type x precision x layout), or None if it can.
 
-        Checked before any model is loaded, so an impossible combination costs nothing.
+        Checked before any model is loaded, so an impossible combination costs nothing. The default
+        refuses flags that only another backend reads, so that they are never silently ignored.
         """
+        if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+            return "--tp/--pp split the model with megatron-core; use --strategy megatron, or leave them at 1"
+        if cfg.parallel.deepspeed_config and not cls.reads_deepspeed_config:
+            return "--deepspeed-config configures DeepSpeed; use it with a zero2/zero3 strategy, or drop it"
         return None
 
     @classmethod

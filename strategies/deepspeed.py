@@ -40,6 +40,7 @@ _MUST_MATCH = {
 class ZeroStrategy(Strategy):
     name = "zero2"
     checkpoint_format = "deepspeed"
+    reads_deepspeed_config = True
     stage = 2
     offload = False
     _TAG = "zero"  # one checkpoint per directory, so a fixed tag

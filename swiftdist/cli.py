@@ -18,6 +18,7 @@ COMMANDS = {
     "estimate": ("swiftdist.estimate", "main", "memory per device for each strategy, from a model config alone"),
     "launch": ("swiftdist.launchers.torchrun", "main", "torchrun the training on this machine (one of several with --nnodes)"),
     "slurm": ("swiftdist.launchers.slurm", "main", "render|submit|status|cancel a SLURM batch job"),
+    "strategies": ("swiftdist.cli", "strategies", "which strategy runs which train type x precision (markdown)"),
     "env": ("swiftdist.cli", "env", "versions and devices on this machine"),
 }
 
@@ -34,6 +35,13 @@ def env(argv: list[str]) -> int:
             print(f"{name} {getattr(module, '__version__', '?')}")
         except Exception as e:  # an optional backend that fails to import is worth reporting, not fatal
             print(f"{name}: not importable ({type(e).__name__})")
+    return 0
+
+
+def strategies(argv: list[str]) -> int:
+    from swiftdist.strategies import support_matrix
+
+    print(support_matrix(), end="")
     return 0
 
 
