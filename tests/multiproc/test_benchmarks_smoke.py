@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.helpers import run_cmd, test_env
+from tests.helpers import run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_cpu_suite_writes_table_and_json_with_every_contender(tiny_llama, tmp_path):
     out = tmp_path / "bench"
     run_cmd([sys.executable, "-m", "benchmarks.run", "--suite", "cpu", "--model", "tiny-llama", "--steps", "2",
-             "--procs", "2", "--strategies", "ddp", "--out", str(out)], env=test_env())
+             "--procs", "2", "--strategies", "ddp", "--out", str(out)])  # run_cmd: OMP_NUM_THREADS=1, offline
     rows = {r["contender"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     ran = ["hand-written loop", "HF Trainer", "swiftdist ddp, 1 process", "hand-written loop, DDP", "swiftdist ddp"]
     for name in ran:
