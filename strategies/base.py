@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from swiftdist.config import RunConfig
 from swiftdist.distributed import DistInfo
+from swiftdist.errors import SwiftdistError
 
 
 class Strategy(ABC):
@@ -149,7 +150,7 @@ class Strategy(ABC):
     def load_tensors(cls, directory: str, names: list[str]) -> dict[str, torch.Tensor]:
         """Full CPU tensors `names` (keys as in the unwrapped model) from what save() wrote, with no process
         group: `swiftdist export` reads a checkpoint a few tensors at a time, so its memory stays bounded."""
-        raise NotImplementedError(f"{cls.__name__} cannot read its checkpoints for export yet")
+        raise SwiftdistError(f"exporting a full fine-tune from a --strategy {cls.name} checkpoint is not supported yet")
 
     @abstractmethod
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
