@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -143,7 +144,9 @@ class ZeroStrategy(Strategy):
         import deepspeed
         from transformers import AutoConfig
 
-        # DeepSpeed's collectives wrap our process group; zero.Init needs them to know the world size.
+        # DeepSpeed's collectives wrap our process group; zero.Init needs them to know the world size,
+        # and reads the local device from LOCAL_RANK, which a plain `python` process has not set.
+        os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         self._fill_model_sizes(AutoConfig.from_pretrained(path).hidden_size)
         return super().build_model(path)
