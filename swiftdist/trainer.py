@@ -150,16 +150,17 @@ class Trainer:
     def train(self) -> int:
         """Runs to the end (returns 0) or until preempted (returns PREEMPTED_EXIT_CODE after saving)."""
         cfg = self.cfg
-        self._install_signal_handlers()
+        preemption.install()  # `python -m swiftdist.sft` did already; an in-process run did not
         self.strategy.model.train()  # from_pretrained returns eval mode: dropout would be off
         first_step = self.state.step
         while self.state.consumed_total < self.total_samples:
             t0 = time.perf_counter()
-            micro_batches, n_samples = self._next_batches()
+            micro_batches, n_samples, counts = self._next_batches()
             # Dropout randomness derives from the position, so a resumed run (on any number of
             # ranks) draws exactly what the uninterrupted one would have drawn.
             torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.step * 1009 + self.strategy.rng_rank)
-            label_tokens = self.strategy.all_reduce_dp(sum((b["labels"][:, 1:] != IGNORE).sum() for b in micro_batches).float())
+            # One collective for both counts: label tokens normalise the loss, all tokens give throughput.
+            label_tokens, tokens = self.strategy.all_reduce_dp(counts.to(self.dist.device))
             loss = self.strategy.forward_backward(micro_batches, label_tokens / self.strategy.dp_size)
             grad_norm = self.strategy.clip_grad_norm(cfg.train.max_grad_norm)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
@@ -169,7 +170,7 @@ class Trainer:
             lr = lr_at((self.state.consumed_total + n_samples / 2) / self.total_samples, cfg.train)
             self.strategy.step(lr)
             self._advance(n_samples)
-            self._log_step(loss, grad_norm, lr, micro_batches, time.perf_counter() - t0)
+            self._log_step(loss, grad_norm, lr, tokens.item(), time.perf_counter() - t0)
             if self.state.step == first_step + 1:  # the optimizer state exists from the first step on
                 self._log_state()
             if self._eval_due():
@@ -191,20 +192,25 @@ class Trainer:
         self.metrics.close()
         return 0
 
-    def _next_batches(self) -> tuple[list[dict], int]:
+    def _next_batches(self) -> tuple[list[dict], int, torch.Tensor]:
+        """This rank's micro-batches for the next step, the step's sample count (all ranks), and this
+        rank's [label tokens, tokens] (counted on the host, so no device sync)."""
         indices = self.sampler.step_indices(self.state.epoch, self.state.consumed_in_epoch)
         pad = self.tokenizer.pad_token_id
         train = self.data.train
-        micro_batches = []
+        micro_batches, n_labels, n_tokens = [], 0, 0
         for idx in indices:
             # A rank with no samples left in a short last step still joins the collectives,
             # with one padding token whose label is ignored.
             samples = [train[i] for i in idx] or [_padding_sample(pad)]
-            micro_batches.append({k: v.to(self.dist.device) for k, v in collate(samples, pad, self.cfg.data.packing).items()})
+            batch = collate(samples, pad, self.cfg.data.packing)
+            n_labels += (batch["labels"][:, 1:] != IGNORE).sum().item()  # HF shifts labels by one
+            n_tokens += sum(len(train[i].input_ids) for i in idx)
+            micro_batches.append({k: v.to(self.dist.device) for k, v in batch.items()})
         n_samples = min(self.sampler.global_batch, len(train) - self.state.consumed_in_epoch)
         if self.cfg.log.log_samples:
             self._record_samples([train[i].sample_ids for idx in indices for i in idx])
-        return micro_batches, n_samples
+        return micro_batches, n_samples, torch.tensor([n_labels, n_tokens], dtype=torch.float32)
 
     def _advance(self, n_samples: int) -> None:
         s = self.state
@@ -216,14 +222,13 @@ class Trainer:
 
     # ---- logging and eval ---------------------------------------------------------------------
 
-    def _log_step(self, loss, grad_norm, lr, micro_batches, seconds) -> None:
-        tokens = self.strategy.all_reduce_dp(sum(b["input_ids"].ne(self.tokenizer.pad_token_id).sum() for b in micro_batches).float())
+    def _log_step(self, loss, grad_norm, lr, tokens: float, seconds) -> None:
         self.metrics.advance(1, loss=loss.item())
         if self.state.step % self.cfg.log.log_steps == 0 or self.state.step == self.total_steps:
             self.metrics.log({
                 "step": self.state.step, "epoch": self.state.epoch + self.state.consumed_in_epoch / len(self.data.train),
                 "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-                "tokens_per_s": tokens.item() / seconds, "step_s": seconds,
+                "tokens_per_s": tokens / seconds, "step_s": seconds,
                 "peak_mem_gib": peak_memory_gib(self.dist.device),
             })
 
@@ -297,10 +302,6 @@ class Trainer:
             log.info("final %s saved to %s", "adapter" if self.cfg.model.train_type != "full" else "model",
                      self.output_dir / "final")
         barrier()
-
-    def _install_signal_handlers(self) -> None:
-        # `python -m swiftdist.sft` installed them at startup already; an in-process run did not.
-        preemption.install()
 
     def _preempted(self) -> bool:
         """All ranks agree at a step boundary: if any rank was signalled, every rank saves and stops."""
