@@ -26,13 +26,18 @@ class DCPStrategy(Strategy):
     # LoRA checkpoints a few MB instead of the whole model.
     _options = StateDictOptions(ignore_frozen_params=True)
 
-    def save(self, directory: str) -> None:
+    def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
+        # ignore_frozen_params misses a tied alias (lm_head.weight of a tied-embedding model), which
+        # would put the whole frozen embedding into every LoRA checkpoint: drop aliases of frozen tensors too.
+        frozen = {n for n, p in self.unwrapped().named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return {"model": {k: v for k, v in model_sd.items() if k not in frozen}, "optim": optim_sd}
+
+    def save(self, directory: str) -> None:
+        dcp.save(self._state(), checkpoint_id=directory)
 
     def load(self, directory: str, saved) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = self._state()
         dcp.load(state, checkpoint_id=directory)
         # Not strict: the frozen base is absent on purpose, and dcp.load has already failed on any
         # requested (trainable) key the checkpoint lacks.
