@@ -30,12 +30,9 @@ from tests.helpers import test_env as process_env
 pytestmark = pytest.mark.slow
 
 ROWS = 16
-DCP_STRATEGIES = [s for s in ("ddp", "fsdp") if s in names()]
 ALL_STRATEGIES = [s for s in ("ddp", "fsdp", "zero2", "zero3") if s in names()]
-# DeepSpeed reads a checkpoint only on the world size that wrote it, until its strategy converts it
-# to a universal checkpoint on load (issue 4); strict, so the case fails loudly once that works.
-RESHARDING = [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="DeepSpeed: no universal checkpoint yet"))
-              if s.startswith("zero") else s for s in ALL_STRATEGIES if s != "zero2"]
+# DeepSpeed checkpoints are converted to its universal format when the world size changes.
+RESHARDING = [s for s in ALL_STRATEGIES if s != "zero2"]
 
 
 def train_args(data: Path, out: Path, *extra: str, strategy: str = "ddp", dropout: float = 0.05) -> list[str]:
