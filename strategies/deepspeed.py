@@ -206,12 +206,32 @@ class ZeroStrategy(Strategy):
         self.model.save_checkpoint(directory, tag=self._TAG, exclude_frozen_parameters=True)
 
     def load(self, directory: str, saved) -> None:
+        tag = self._TAG
         if saved.dp_size != self.dp_size:
-            raise SwiftdistError(f"--resume: this {self.name} checkpoint was written by {saved.dp_size} ranks; "
-                                 f"DeepSpeed resumes it only on {saved.dp_size} ranks (not {self.dp_size})")
+            # DeepSpeed reads its own format only on the world size that wrote it. Its universal
+            # format (one fp32 file per parameter and optimizer state) loads on any world size.
+            tag = self._universal(directory)
+            self.model._config.load_universal_checkpoint = True
         # Not strict: the frozen base weights were left out of the checkpoint on purpose.
-        self.model.load_checkpoint(directory, tag=self._TAG, load_module_strict=False,
-                                   load_lr_scheduler_states=False)
+        self.model.load_checkpoint(directory, tag=tag, load_module_strict=False, load_lr_scheduler_states=False)
+
+    def _universal(self, directory: str) -> str:
+        """Convert the checkpoint once (rank 0; kept beside it for later resumes); its tag."""
+        import argparse
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tag = f"{self._TAG}_universal"
+        out = Path(directory) / tag
+        if self.dist.is_main and not out.exists():
+            tmp = out.with_name(tag + ".tmp")
+            args = argparse.Namespace(input_folder=str(Path(directory) / self._TAG), output_folder=str(tmp),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            ds_to_universal.main(args)
+            tmp.rename(out)
+        torch.distributed.barrier()
+        return tag
 
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         import deepspeed
