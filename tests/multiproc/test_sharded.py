@@ -171,3 +171,17 @@ def test_deepspeed_resumes_on_another_world_size(resharded, strategy):
     # fp32 master weights and Adam moments come back exactly; the single rank sums each step's
     # gradients in another order: fp32 round-off (measured 2e-7).
     assert losses(resumed[strategy]) == pytest.approx(losses(runs[strategy])[2:], rel=1e-5)
+
+
+def test_a_user_deepspeed_config_with_its_own_optimizer_trains(tmp_path):
+    """--deepspeed-config end to end: "auto" values filled from our flags, and an "optimizer" section
+    (DeepSpeed then builds the optimizer itself; the trainer still sets its learning rate)."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": 10000},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.0}},
+    }))
+    run = run_group(tmp_path, "lora", "bf16", 4, ["zero2"], "--deepspeed-config", str(config))["zero2"]
+    curve = losses(run)
+    assert len(curve) == 4 and curve[-1] < curve[0]
