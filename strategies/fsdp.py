@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from swiftdist.errors import SwiftdistError
 from swiftdist.strategies.base import build_optimizer
 from swiftdist.strategies.dcp import DCPStrategy
 
@@ -22,7 +23,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(hf, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise RuntimeError(f"{type(hf).__name__}: no decoder layers found (its _no_split_modules is {names or 'empty'})")
+        raise SwiftdistError(f"--strategy fsdp: {type(hf).__name__} names no decoder layer class (_no_split_modules) "
+                             "to shard by; use --strategy zero3")
     return layers
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,6 @@ import torch
 
 from swiftdist.config import ModelConfig
 from swiftdist.errors import SwiftdistError
-
-log = logging.getLogger("swiftdist")
 
 GIB = 2**30
 # NF4 with double quantisation: 4 bits per weight, one 8-bit absmax per 64 weights, and one fp32
