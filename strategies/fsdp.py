@@ -34,7 +34,6 @@ class FSDPStrategy(DCPStrategy):
 
     def wrap(self, model) -> None:
         device = self.dist.device
-        model.to(device)
         mesh = init_device_mesh(device.type, (self.dist.world_size,))
         # bf16: layers are gathered and computed in bf16; gradients are reduced in fp32 and the
         # sharded master weights stay in the dtype they were loaded in.
@@ -42,7 +41,12 @@ class FSDPStrategy(DCPStrategy):
               if self.precision == "bf16" else MixedPrecisionPolicy())
         # Pinned host memory needs an accelerator; on a CPU host it fails ("Cannot access accelerator device").
         offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if self.offload else OffloadPolicy()
+        # The model arrives whole in host memory. Moving one layer at a time and sharding it keeps
+        # the device from ever holding more than one unsharded layer, so a model larger than one
+        # device still fits on several. (`.to` also moves bitsandbytes' 4-bit quantization state,
+        # which is no parameter; fully_shard(model) moves what is left: embeddings, norms, head.)
         for layer in decoder_layers(model):
+            layer.to(device)
             fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
         self.model = model
