@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, arithmetic_rows, free_port, losses, metrics, run_cmd, test_env, write_jsonl
+from tests.helpers import REPO, arithmetic_rows, free_port, losses, metrics, run_cmd, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def run_group(root, train_type: str, precision: str, steps: int, strategies: lis
             for name in strategies]
     (root / "runs.json").write_text(json.dumps(runs))
     run_cmd([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-             DRIVER, str(root / "runs.json")], env=test_env(), cwd=str(REPO))
+             DRIVER, str(root / "runs.json")], cwd=str(REPO))
     return {name: root / name for name in strategies}
 
 
