@@ -231,6 +231,15 @@ class ZeroStrategy(Strategy):
         torch.distributed.barrier()
         return tag
 
+    @classmethod
+    def load_tensors(cls, directory: str, names: list[str]) -> dict[str, torch.Tensor]:
+        # DeepSpeed's own consolidation of the fp32 master weights (ZeRO-2 and ZeRO-3 alike); lazy
+        # mode reads a tensor's partitions only when it is asked for, so export memory stays bounded.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        lazy = get_fp32_state_dict_from_zero_checkpoint(directory, tag=cls._TAG, lazy_mode=True)
+        return {n: lazy[n].contiguous() for n in names}
+
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param

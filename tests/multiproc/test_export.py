@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 # Full fine-tunes read each strategy's own shards; a LoRA/QLoRA export reads the peft adapter every
 # strategy writes (checked once per gather path: ddp, zero3), so fsdp is covered by its full case.
-CASES = [(s, t) for s, t in [("ddp", "full"), ("ddp", "lora"), ("ddp", "qlora"), ("fsdp", "full"), ("zero3", "lora")]
+CASES = [(s, t) for s, t in [("ddp", "full"), ("ddp", "lora"), ("ddp", "qlora"), ("fsdp", "full"),
+                             ("zero3", "lora"), ("zero3", "full")]
          if s in names()]
 PROMPTS = ["What is 3 plus 3?", "What is 12 plus 12?"]
 
