@@ -5,6 +5,7 @@ Parse the config, join the process group, train, clean up — whatever happens.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from swiftdist import preemption
@@ -37,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         return run(argv)
     except SwiftdistError as e:
         # Every rank hits the same user error; one line from rank 0 is enough.
-        import os
-
         if os.environ.get("RANK", "0") == "0":
             print(f"swiftdist: error: {e}", file=sys.stderr)
         return 2
