@@ -276,9 +276,8 @@ class Trainer:
             checkpoint.prepare(tmp)
         barrier()
         self.strategy.save(str(tmp / "model"))
-        lora = self.cfg.model.train_type != "full"
-        if lora or self.cfg.checkpoint.save_full_model:
-            self._save_hf(tmp / ("adapter" if lora else "hf"))
+        if self._adapter_only or self.cfg.checkpoint.save_full_model:
+            self._save_hf(tmp / ("adapter" if self._adapter_only else "hf"))
         barrier()  # every rank's shards are on disk before the checkpoint is marked complete
         final = None
         if self.dist.is_main:
@@ -288,9 +287,14 @@ class Trainer:
         self._saved_step = self.state.step
         return final
 
+    @property
+    def _adapter_only(self) -> bool:
+        """LoRA/QLoRA: what is saved for users is the adapter; the frozen base comes from the model path."""
+        return self.cfg.model.train_type != "full"
+
     def _save_hf(self, out: Path) -> None:
         """The peft adapter (LoRA) or the whole HF model (full; gathered on rank 0), with the tokenizer."""
-        state = self.strategy.full_state_dict(trainable_only=self.cfg.model.train_type != "full")
+        state = self.strategy.full_state_dict(trainable_only=self._adapter_only)
         if self.dist.is_main:
             self.strategy.save_hf(out, state)
             self.tokenizer.save_pretrained(out)
@@ -299,7 +303,7 @@ class Trainer:
         """The result users load: output_dir/final, a peft adapter or a full HF model."""
         self._save_hf(self.output_dir / "final")
         if self.dist.is_main:
-            log.info("final %s saved to %s", "adapter" if self.cfg.model.train_type != "full" else "model",
+            log.info("final %s saved to %s", "adapter" if self._adapter_only else "model",
                      self.output_dir / "final")
         barrier()
 
