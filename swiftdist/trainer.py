@@ -196,14 +196,10 @@ class Trainer:
         """This rank's micro-batches for the next step, the step's sample count (all ranks), and this
         rank's [label tokens, tokens] (counted on the host, so no device sync)."""
         indices = self.sampler.step_indices(self.state.epoch, self.state.consumed_in_epoch)
-        pad = self.tokenizer.pad_token_id
         train = self.data.train
         micro_batches, n_labels, n_tokens = [], 0, 0
         for idx in indices:
-            # A rank with no samples left in a short last step still joins the collectives,
-            # with one padding token whose label is ignored.
-            samples = [train[i] for i in idx] or [_padding_sample(pad)]
-            batch = collate(samples, pad, self.cfg.data.packing)
+            batch = self._host_batch([train[i] for i in idx])
             n_labels += (batch["labels"][:, 1:] != IGNORE).sum().item()  # HF shifts labels by one
             n_tokens += sum(len(train[i].input_ids) for i in idx)
             micro_batches.append({k: v.to(self.dist.device) for k, v in batch.items()})
@@ -211,6 +207,12 @@ class Trainer:
         if self.cfg.log.log_samples:
             self._record_samples([train[i].sample_ids for idx in indices for i in idx])
         return micro_batches, n_samples, torch.tensor([n_labels, n_tokens], dtype=torch.float32)
+
+    def _host_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """Collated on the host. A rank with no samples (a short last step, a short eval split)
+        still joins the collectives, with one padding token whose label is ignored."""
+        pad = self.tokenizer.pad_token_id
+        return collate(samples or [Sample([pad], [IGNORE], [0], [])], pad, self.cfg.data.packing)
 
     def _advance(self, n_samples: int) -> None:
         s = self.state
@@ -240,7 +242,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        val, pad = self.data.val, self.tokenizer.pad_token_id
+        val = self.data.val
         rank, world, bs = self.strategy.dp_rank, self.strategy.dp_size, self.cfg.train.batch_size
         mine = val[rank::world]
         n_batches = -(-len(val[0::world]) // bs)  # every rank runs the same number of forwards (ZeRO-3 gathers)
@@ -248,8 +250,7 @@ class Trainer:
         tokens = torch.zeros((), device=self.dist.device)
         self.strategy.model.eval()
         for i in range(n_batches):
-            samples = mine[i * bs:(i + 1) * bs] or [_padding_sample(pad)]
-            batch = {k: v.to(self.dist.device) for k, v in collate(samples, pad, self.cfg.data.packing).items()}
+            batch = {k: v.to(self.dist.device) for k, v in self._host_batch(mine[i * bs:(i + 1) * bs]).items()}
             loss_sum += self.strategy.forward_loss_sum(batch)
             tokens += (batch["labels"][:, 1:] != IGNORE).sum()
         self.strategy.model.train()
@@ -312,10 +313,6 @@ class Trainer:
         flag = torch.tensor([1.0 if preemption.requested() else 0.0], device=self.dist.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-def _padding_sample(pad_id: int) -> Sample:
-    return Sample([pad_id], [IGNORE], [0], [])
 
 
 def _versions() -> dict:
