@@ -17,6 +17,7 @@ import torch.distributed as dist
 from swiftdist.config import RunConfig
 from swiftdist.distributed import DistInfo
 from swiftdist.errors import SwiftdistError
+from swiftdist.loss import token_loss_sum
 
 
 class Strategy(ABC):
@@ -115,7 +116,7 @@ class Strategy(ABC):
         total = torch.zeros((), device=self.dist.device)
         for i, batch in enumerate(micro_batches):
             with self.no_sync(i == len(micro_batches) - 1), self.autocast():
-                loss = self.model(**batch, num_items_in_batch=num_items).loss
+                loss = token_loss_sum(self.model, batch) / num_items
             self.backward(loss)
             total += loss.detach().float()
         return self.all_reduce_dp(total) / self.dp_size
@@ -124,7 +125,7 @@ class Strategy(ABC):
     def forward_loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed token loss of one batch, without gradients (evaluation)."""
         with self.autocast():
-            return self.model(**batch, num_items_in_batch=torch.tensor(1.0, device=self.dist.device)).loss.float()
+            return token_loss_sum(self.model, batch)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]

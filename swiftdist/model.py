@@ -14,6 +14,7 @@ from filelock import FileLock
 
 from swiftdist.config import ModelConfig
 from swiftdist.errors import SwiftdistError
+from swiftdist.loss import check_supported
 
 log = logging.getLogger("swiftdist")
 
@@ -210,6 +211,7 @@ def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contex
         kwargs["quantization_config"] = qlora_config(torch.bfloat16 if precision == "bf16" else torch.float32)
     with init_context():
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    check_supported(model)
     model.config.use_cache = False
     if cfg.train_type == "qlora":
         from peft import prepare_model_for_kbit_training
