@@ -7,7 +7,7 @@ reported. Absolute seconds on a shared machine are noise; the ratios are the res
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -18,6 +18,7 @@ from benchmarks.spec import BenchSpec
 
 HAND, HAND_DDP, HF = "hand-written loop", "hand-written loop, DDP", "HF Trainer"
 SWIFT_1P = "swiftdist ddp, 1 process"
+MS_SWIFT = "ms-swift"
 
 
 def swiftdist_strategies(spec: BenchSpec, nproc: int) -> tuple[list[str], dict[str, str]]:
@@ -36,7 +37,9 @@ def swiftdist_strategies(spec: BenchSpec, nproc: int) -> tuple[list[str], dict[s
     return runnable, refused
 
 
-def contenders(spec: BenchSpec, nproc: int, only: list[str] | None) -> tuple[list[Contender], dict[str, str]]:
+def contenders(spec: BenchSpec, nproc: int, only: list[str] | None, ms_swift: list[str] | None
+               ) -> tuple[list[Contender], dict[str, str]]:
+    """`ms_swift`: [python, ARGS...] for the ms-swift contender, or None to leave it out."""
     runnable, refused = swiftdist_strategies(spec, nproc)
     if only:
         refused.update({s: "not selected (--strategies)" for s in runnable if s not in only})
@@ -44,18 +47,52 @@ def contenders(spec: BenchSpec, nproc: int, only: list[str] | None) -> tuple[lis
     out = [Contender(HAND, "benchmarks.handloop", 1),
            Contender(HF, "benchmarks.hf_trainer", 1, reference=HAND),
            Contender(SWIFT_1P, "benchmarks.swiftdist_worker", 1, ["ddp"], reference=HAND)]
+    if ms_swift:
+        out.append(Contender(MS_SWIFT, "benchmarks.ms_swift", 1, ms_swift[1:], reference=HAND, python=ms_swift[0]))
     if nproc > 1:
         out.append(Contender(HAND_DDP, "benchmarks.handloop", nproc))
         out += [Contender(f"swiftdist {s}", "benchmarks.swiftdist_worker", nproc, [s], reference=HAND_DDP, layout=s)
                 for s in runnable]
+        if ms_swift:
+            out.append(Contender(f"{MS_SWIFT}, DDP", "benchmarks.ms_swift", nproc, ms_swift[1:], reference=HAND_DDP,
+                                 python=ms_swift[0]))
     return out, refused
 
 
+def ms_swift_inputs(spec: BenchSpec, out_dir: Path, python: str | None) -> tuple[list[str] | None, str]:
+    """The ms-swift contender's command tail (data file, model dir, system prompt), or why it cannot run.
+
+    The data file holds the job's conversations in the order swiftdist's sampler draws them."""
+    if not python:
+        return None, "not run: no --ms-swift-python (an environment with ms-swift; see benchmarks/README.md)"
+    from swiftdist.config import DataConfig
+    from swiftdist.data import StepSampler, load_conversations
+    from swiftdist.model import load_tokenizer, resolve_model_path
+
+    if spec.packing:
+        return None, "not run: the ms-swift contender runs unpacked rows only"
+    model_dir = resolve_model_path(spec.model)
+    # ms-swift's chatml template takes the system prompt the model's own template would insert.
+    rendered = load_tokenizer(model_dir).apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    head = "<|im_start|>system\n"
+    if not rendered.startswith(head):
+        return None, "not run: the model's chat template is not chatml with a default system prompt"
+    system = rendered[len(head):rendered.index("<|im_end|>")]
+    cfg = DataConfig(dataset=list(spec.dataset), max_length=spec.max_length)
+    conversations = [c for d in spec.dataset for c in load_conversations(d, cfg, spec.seed)]
+    order = StepSampler(len(conversations), spec.seed, spec.global_batch, 1, 0, 1).permutation(0)
+    data = out_dir / "ms_swift_data.jsonl"
+    data.write_text("".join(json.dumps({"messages": conversations[i].messages}) + "\n" for i in order))
+    return [python, str(data), str(model_dir), system], ""
+
+
 def run(spec: BenchSpec, out_dir: Path, nproc: int, repeats: int, warmup: int, only: list[str] | None,
-        timeout: int, say=lambda line: print(line, flush=True)) -> tuple[list[dict], list[str]]:
+        timeout: int, ms_swift_python: str | None = None,
+        say=lambda line: print(line, flush=True)) -> tuple[list[dict], list[str]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = spec.save(out_dir / "spec.json")
-    field, refused = contenders(spec, nproc, only)
+    ms_swift, ms_swift_absent = ms_swift_inputs(spec, out_dir, ms_swift_python)
+    field, refused = contenders(spec, nproc, only, ms_swift)
     # Rows up to 112 tokens: 128 bounds the activations of every batch.
     estimates = {n: estimated_gib(spec.model, spec, sorted({c.layout for c in field if c.nproc == n}), n, 128,
                                   spec.micro_batch(n)) for n in {c.nproc for c in field}}
@@ -71,10 +108,8 @@ def run(spec: BenchSpec, out_dir: Path, nproc: int, repeats: int, warmup: int, o
         est = estimates[c.nproc].get(c.layout, {})
         rows.append({**_row(c, results, warmup), "est_states_gib": est.get("states"), "est_total_gib": est.get("total")})
     rows += [{"contender": f"swiftdist {s}", "procs": nproc, "status": f"skipped: {why}"} for s, why in refused.items()]
-    # ms-swift is the peer DESIGN §10 measured by hand; it is not a dependency, so only its absence is reported.
-    installed = importlib.util.find_spec("swift") is not None
-    rows.append({"contender": "ms-swift", "procs": 1, "status": "not run: " + (
-        "installed, but this suite has no ms-swift contender yet" if installed else "not installed (import swift fails)")})
+    if ms_swift_absent:
+        rows.append({"contender": MS_SWIFT, "procs": 1, "status": ms_swift_absent})
     return rows, _verdicts(rows, nproc)
 
 
@@ -113,11 +148,13 @@ def _verdicts(rows: list[dict], nproc: int) -> list[str]:
         ok = "met" if ddp1["ratio"] <= 1.05 else "MISSED"
         notes.append(f"Goal swiftdist DDP overhead <= 1.05x the hand-written loop (1 process): "
                      f"{ddp1['ratio']:.3f}x, {ok}.")
-        hf = by.get(HF, {})
-        if hf.get("ratio") is not None:
-            ok = "met" if ddp1["ratio"] < hf["ratio"] else "MISSED"
-            notes.append(f"Goal faster than HF Trainer: swiftdist ddp {ddp1['ratio']:.3f}x vs HF Trainer "
-                         f"{hf['ratio']:.3f}x of the hand-written loop, {ok}.")
+        for peer in (HF, MS_SWIFT):
+            other = by.get(peer, {})
+            if other.get("ratio") is not None:
+                ok = "met" if ddp1["ratio"] < other["ratio"] else "MISSED"
+                notes.append(f"Goal faster than {peer} (1 process): swiftdist ddp {ddp1['ratio']:.3f}x vs {peer} "
+                             f"{other['ratio']:.3f}x of the hand-written loop, {ok}; peak RSS "
+                             f"{ddp1['peak_rss_gib']:.2f} vs {other['peak_rss_gib']:.2f} GiB.")
     ddp2 = by.get("swiftdist ddp", {})
     if ddp2.get("ratio") is not None:
         ok = "met" if ddp2["ratio"] <= 1.05 else "MISSED"

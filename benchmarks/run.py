@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,12 +31,17 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     p.add_argument("--repeats", type=int, default=1, help="rounds of all contenders (ratios: median over rounds)")
     p.add_argument("--procs", type=int, default=2, help="cpu: ranks for the multi-process contenders (1: none)")
+    p.add_argument("--train-type", choices=["lora", "full"], default="lora",
+                   help="cpu: LoRA (default) or full fine-tuning, where weights, grads and AdamW state dominate memory")
     p.add_argument("--gpus", type=int, default=1, help="gpu: GPUs (ranks, DDP) per run")
     p.add_argument("--strategies", nargs="*", default=None, help="swiftdist strategies to include (default: all that accept the job)")
     p.add_argument("--gpu-models", nargs="*", default=None, help="gpu: subset of the built-in configs")
     p.add_argument("--train-types", nargs="*", default=["lora", "qlora"], help="gpu: train types to run")
     p.add_argument("--seq", type=int, default=2048, help="gpu: sequence length (packed rows)")
     p.add_argument("--peak-tflops", type=float, default=None, help="gpu: the card's dense bf16 peak, if not in the built-in table")
+    p.add_argument("--ms-swift-python", default=os.environ.get("MS_SWIFT_PYTHON"),
+                   help="cpu: the python of an environment with ms-swift, to add it as a contender "
+                        "(default: $MS_SWIFT_PYTHON; benchmarks/README.md says how to make one)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds one contender run may take")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     return p.parse_args(argv)
@@ -46,10 +52,11 @@ def cpu_suite(args) -> int:
     from swiftdist.model import resolve_precision
 
     model = args.model or "smollm2"
-    spec = BenchSpec(model=model, steps=args.steps, precision=resolve_precision("auto"),
+    spec = BenchSpec(model=model, train_type=args.train_type, steps=args.steps, precision=resolve_precision("auto"),
                      # Exactly one epoch's worth of rows: no contender hits a short last step.
                      dataset=[f"self-cognition#{args.steps * 8}"], global_batch=8)
-    rows, verdicts = cpu_suite.run(spec, args.out, args.procs, args.repeats, args.warmup, args.strategies, args.timeout)
+    rows, verdicts = cpu_suite.run(spec, args.out, args.procs, args.repeats, args.warmup, args.strategies, args.timeout,
+                                   args.ms_swift_python)
     notes = verdicts + [
         "Ratios are step time over the reference's in the same round (median over rounds); reference = "
         "the hand-written loop with the same number of processes.",
@@ -63,8 +70,8 @@ def cpu_suite(args) -> int:
     ]
     meta = {"model": model, "train_type": spec.train_type, "precision": spec.precision, "global_batch": spec.global_batch,
             "steps": args.steps, "warmup_steps_excluded": args.warmup, "repeats": args.repeats,
-            "cpu_threads_total": __import__("os").cpu_count(), "torch": torch.__version__}
-    md, js = report.write(args.out, f"swiftdist CPU benchmark ({model}, LoRA)", CPU_COLUMNS, rows, notes, meta)
+            "cpu_threads_total": os.cpu_count(), "torch": torch.__version__}
+    md, js = report.write(args.out, f"swiftdist CPU benchmark ({model}, {args.train_type})", CPU_COLUMNS, rows, notes, meta)
     print(md.read_text())
     print(f"wrote {md} and {js}")
     return 0

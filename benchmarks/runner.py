@@ -28,6 +28,8 @@ class Contender:
     """Name of the contender its step-time ratio is taken against (None: it is a reference)."""
     layout: str = "ddp"
     """The swiftdist strategy whose memory layout it has (for `swiftdist estimate`): peers replicate like DDP."""
+    python: str = sys.executable
+    """The interpreter: a peer with dependencies of its own (ms-swift) runs from its own environment."""
 
 
 @dataclass
@@ -60,8 +62,8 @@ def _env() -> dict:
 def command(c: Contender, spec_path: Path, run_dir: Path) -> list[str]:
     tail = ["-m", c.module, str(spec_path), str(run_dir), *c.args]
     if c.nproc == 1:
-        return [sys.executable, *tail]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={c.nproc}",
+        return [c.python, *tail]
+    return [c.python, "-m", "torch.distributed.run", f"--nproc-per-node={c.nproc}",
             f"--master-port={_free_port()}", *tail]
 
 

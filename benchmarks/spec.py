@@ -89,8 +89,9 @@ def peer_model(spec: BenchSpec):
     data = build_datasets(tokenizer, DataConfig(dataset=list(spec.dataset), max_length=spec.max_length,
                                                 packing=spec.packing), spec.seed)
     torch.manual_seed(spec.seed)
-    # LoRA trains in bf16 with frozen bf16 base weights, as swiftdist does (adapters stay fp32 in peft).
-    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+    # As swiftdist (swiftdist.model.weight_dtype): LoRA keeps its frozen base in bf16 (adapters stay
+    # fp32 in peft); full fine-tuning keeps fp32 weights under bf16 autocast.
+    dtype = torch.bfloat16 if spec.precision == "bf16" and spec.train_type == "lora" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
     if spec.gradient_checkpointing:

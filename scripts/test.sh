@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# ms-swift, the peer the benchmark smoke test runs beside swiftdist, lives in an environment of its own.
+scripts/setup_ms_swift.sh
+export MS_SWIFT_PYTHON="$PWD/${MS_SWIFT_VENV:-.venv-ms-swift}/bin/python"
 VENV="${VENV:-.venv}"
 export PATH="$PWD/$VENV/bin:$PATH"
 # DeepSpeed JIT-builds small C++ ops on first use; keep them across runs.

@@ -88,3 +88,23 @@ def test_report_writes_table_and_json(tmp_path):
     text = md.read_text()
     assert "| who | s |" in text and "| a\\|b | 1.23 |" in text and "| c | – |" in text and "- note" in text
     assert json.loads(js.read_text())["rows"][0]["extra"] == [1, 2]
+
+
+def test_ms_swift_gets_the_same_conversations_in_swiftdist_order_and_the_models_system_prompt(tmp_path, tiny_llama):
+    from benchmarks import cpu_suite
+    from swiftdist.config import DataConfig
+    from swiftdist.data import Conversation, StepSampler, build_datasets, tokenize
+    from swiftdist.model import load_tokenizer
+
+    spec = BenchSpec(model="tiny-llama", dataset=["self-cognition#16"], precision="bf16")
+    tail, why = cpu_suite.ms_swift_inputs(spec, tmp_path, "/env/bin/python")
+    assert why == "" and tail[0] == "/env/bin/python" and tail[2] == str(tiny_llama)
+    assert tail[3] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    rows = [json.loads(line)["messages"] for line in open(tail[1])]
+    # Step k of ms-swift (no shuffling) trains on rows 8k..8k+7: the samples swiftdist's step k draws.
+    tok = load_tokenizer(tiny_llama)
+    train = build_datasets(tok, DataConfig(dataset=spec.dataset), spec.seed).train
+    order = StepSampler(len(train), spec.seed, spec.global_batch, 1, 0, 1).permutation(0)
+    for row, i in zip(rows, order, strict=True):
+        assert tokenize(tok, Conversation(row, "ms-swift data"))[0] == train[i].input_ids
+    assert cpu_suite.ms_swift_inputs(spec, tmp_path, None)[1].startswith("not run: no --ms-swift-python")
