@@ -8,6 +8,7 @@ asks which strategy is running.
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from swiftdist.config import RunConfig
 from swiftdist.distributed import DistInfo
 from swiftdist.errors import SwiftdistError
-from swiftdist.loss import token_loss_sum
+from swiftdist.loss import output_head, token_loss_sum
 
 
 class Strategy(ABC):
@@ -88,6 +89,11 @@ class Strategy(ABC):
         """The HF/peft module inside whatever wrapper the strategy added."""
         return getattr(self.model, "module", self.model)
 
+    @functools.cached_property
+    def head(self) -> torch.nn.Module:
+        """The LM head, for computing logits at labelled positions only (swiftdist.loss)."""
+        return output_head(self.unwrapped())
+
     # ---- one optimizer step -------------------------------------------------------------------
 
     def autocast(self):
@@ -116,7 +122,7 @@ class Strategy(ABC):
         total = torch.zeros((), device=self.dist.device)
         for i, batch in enumerate(micro_batches):
             with self.no_sync(i == len(micro_batches) - 1), self.autocast():
-                loss = token_loss_sum(self.model, batch) / num_items
+                loss = token_loss_sum(self.model, self.head, batch) / num_items
             self.backward(loss)
             total += loss.detach().float()
         return self.all_reduce_dp(total) / self.dp_size
@@ -125,7 +131,7 @@ class Strategy(ABC):
     def forward_loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed token loss of one batch, without gradients (evaluation)."""
         with self.autocast():
-            return token_loss_sum(self.model, batch)
+            return token_loss_sum(self.model, self.head, batch)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]

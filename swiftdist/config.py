@@ -28,7 +28,8 @@ class ModelConfig:
     torch_dtype: str = "auto"
     """Weight dtype: auto (bf16 where the device supports it, else fp32), bfloat16, float32."""
     attn_impl: str = "auto"
-    """auto (flash_attention_2 with CUDA + flash-attn, else sdpa), sdpa, eager, flash_attention_2."""
+    """auto (flash_attention_2 with CUDA + flash-attn, else sdpa; on CPU eager when every row has
+    <= 256 tokens, where it is faster), sdpa, eager, flash_attention_2."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless you trust the model's source."""
     train_type: str = "lora"

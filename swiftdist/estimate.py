@@ -5,7 +5,8 @@ no memory is allocated. Parameter counts and activation sizes are *measured* on 
 architecture (with the LoRA adapters applied) under FakeTensorMode, which runs the forward pass
 with shapes and dtypes but no data; every tensor autograd saves for backward is counted. Only a
 1- and a 2-layer copy of the model are run, and the layer count is extrapolated (decoder layers
-are identical), so a 70B config takes seconds.
+are identical), so a 70B config takes seconds. Every token counts as labelled, so the LM head's
+activations are an upper bound: training computes logits only at labelled positions (swiftdist.loss).
 
 What each strategy keeps per device, from these counts, is each strategy's `memory_estimate`.
 """

@@ -1,15 +1,13 @@
 """The training loss: cross-entropy summed over label tokens, with logits computed only where a label is.
 
 A chat sample's labels cover the assistant's replies only (about 40% of the tokens of the built-in
-data). The LM head's logits, vocabulary-wide and upcast to fp32 for the loss, are the largest
-activation of a small model, and with Qwen2.5's 152k vocabulary a 2048-token row's logits alone are
-1.2 GB in fp32. Asking the model for the logits of labelled positions only (`logits_to_keep`,
-transformers' standard causal-LM argument) gives the same loss for less compute and memory.
+data, and none of the padding). The LM head's logits, vocabulary-wide and upcast to fp32 for the
+loss, are the largest activation of a small model; with Qwen2.5's 152k vocabulary one 2048-token
+row's logits are 1.2 GB in fp32. So the LM head is given the hidden states of labelled positions
+only, which yields the same loss and gradients for less compute and memory.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -18,19 +16,29 @@ from swiftdist.data import IGNORE
 from swiftdist.errors import SwiftdistError
 
 
-def check_supported(model: torch.nn.Module) -> None:
-    """A clear refusal for a causal LM whose forward cannot return a subset of its logits."""
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        raise SwiftdistError(f"{type(model).__name__}.forward takes no `logits_to_keep` argument; swiftdist trains "
-                             "transformers causal LMs that do (every Llama/Qwen/Mistral-style model in transformers 5)")
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head of an HF/peft causal LM, with a one-line refusal for a model that has none."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise SwiftdistError(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None); "
+                             "swiftdist trains transformers causal LMs with an LM head")
+    return head
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed token cross-entropy of a batch (fp32), as transformers' own loss with reduction "sum"."""
+def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed token cross-entropy of a batch (fp32), as transformers' own loss with reduction "sum".
+
+    `model` is the module to call (any strategy's wrapper), `head` its LM head (output_head).
+    """
     # Position t predicts token t+1, as transformers shifts labels.
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)  # columns where any row has a label
+    labelled = targets != IGNORE
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    # A pre-hook, not a slice of the returned logits: the head must never see the other positions.
+    # It runs inside the model's own forward, so every wrapper's hooks (FSDP, ZeRO-3) still apply.
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][labelled].unsqueeze(0),))
+    try:
+        logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    return F.cross_entropy(logits[0].float(), targets[labelled], reduction="sum")

@@ -26,7 +26,8 @@ from swiftdist.data import IGNORE, Sample, StepSampler, build_datasets, collate
 from swiftdist.distributed import DistInfo, barrier
 from swiftdist.errors import SwiftdistError
 from swiftdist.metrics import Metrics, peak_memory_gib
-from swiftdist.model import count_params, load_tokenizer, resolve_model_path, resolve_precision, weight_dtype
+from swiftdist.model import (count_params, load_tokenizer, resolve_attn_impl, resolve_model_path, resolve_precision,
+                             weight_dtype)
 from swiftdist.strategies import get_strategy_class
 
 log = logging.getLogger("swiftdist")
@@ -58,6 +59,8 @@ class Trainer:
         model_path = resolve_model_path(cfg.model.model)
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         self.data = build_datasets(self.tokenizer, cfg.data, cfg.train.seed)
+        # `auto` becomes the implementation this run uses (config.yaml records it): it depends on the rows.
+        cfg.model.attn_impl = resolve_attn_impl(cfg.model.attn_impl, max(len(s.input_ids) for s in self.data.train))
         # Every rank must build the same initial weights (LoRA's random A matrices too): sharded
         # strategies keep each rank's own slice of them instead of broadcasting rank 0's copy.
         torch.manual_seed(cfg.train.seed)
@@ -82,9 +85,9 @@ class Trainer:
                                enabled=dist_info.is_main)
         if dist_info.is_main:
             save_config(cfg, str(self.output_dir / "config.yaml"))
-            log.info("model %s: %.2fM params, %.2fM trainable (%s, %s, strategy %s, %d ranks)",
+            log.info("model %s: %.2fM params, %.2fM trainable (%s, %s, %s attention, strategy %s, %d ranks)",
                      model_path, total / 1e6, trainable / 1e6, cfg.model.train_type, self.precision,
-                     cfg.parallel.strategy, dist_info.world_size)
+                     cfg.model.attn_impl, cfg.parallel.strategy, dist_info.world_size)
             log.info("data: %d train / %d eval samples; global batch %d; %d steps to go",
                      len(self.data.train), len(self.data.val), self.sampler.global_batch, self._steps_left())
 

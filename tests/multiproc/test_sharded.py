@@ -62,6 +62,7 @@ def qlora(tmp_path_factory):
 
 def reload_logits(run_dir, strategy: str) -> torch.Tensor:
     """The saved peft adapter on a freshly quantized base, on the probe batch the driver used."""
+    from omegaconf import OmegaConf
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -70,7 +71,10 @@ def reload_logits(run_dir, strategy: str) -> torch.Tensor:
     from swiftdist.model import load_tokenizer, qlora_config, resolve_model_path
 
     path = resolve_model_path("tiny-llama")
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=qlora_config(torch.bfloat16))
+    # The attention the run resolved `auto` to (eager for these short rows on CPU): the same kernels.
+    attn = OmegaConf.load(run_dir / "config.yaml").model.attn_impl
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=qlora_config(torch.bfloat16),
+                                                attn_implementation=attn)
     if strategy == "ddp":
         # DDP computes with the model as loaded for training, where prepare_model_for_kbit_training
         # upcast norms and embeddings to fp32. FSDP's MixedPrecisionPolicy and DeepSpeed's bf16

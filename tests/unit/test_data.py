@@ -102,11 +102,12 @@ def test_truncate_or_drop(tok):
     assert [s.sample_ids for s in dropped] == [[1]]
 
 
-def test_packing_keeps_attention_within_samples(tok, tiny_llama):
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])  # the two that `--attn-impl auto` picks on CPU
+def test_packing_keeps_attention_within_samples(tok, tiny_llama, attn_impl):
     """A packed row must give each sample the same logits as running it alone."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn_impl).eval()
     samples = build_samples(tok, [conv("hi", "hello"), conv("what is two plus two?", "four")], DataConfig())
     (packed,) = pack(samples, max_length=1024)
     assert packed.sample_ids == [0, 1]

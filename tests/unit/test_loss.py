@@ -4,7 +4,7 @@ import torch
 from swiftdist.config import DataConfig
 from swiftdist.data import IGNORE, Conversation, build_samples, collate, pack
 from swiftdist.errors import SwiftdistError
-from swiftdist.loss import check_supported, token_loss_sum
+from swiftdist.loss import output_head, token_loss_sum
 from swiftdist.model import load_tokenizer
 
 
@@ -36,7 +36,7 @@ def test_label_only_logits_give_transformers_loss_and_gradients(model_and_sample
     reference.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ours = token_loss_sum(model, batch)
+    ours = token_loss_sum(model, model.lm_head, batch)
     ours.backward()
     # fp32: the same math on a subset of rows of the LM head's input, so only summation order differs.
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-6)
@@ -45,33 +45,32 @@ def test_label_only_logits_give_transformers_loss_and_gradients(model_and_sample
     model.zero_grad()
 
 
-def test_logits_are_computed_for_labelled_positions_only(model_and_samples):
+@pytest.mark.parametrize("packed", [False, True])
+def test_logits_are_computed_for_labelled_positions_only(model_and_samples, packed):
     model, tok, samples = model_and_samples
-    batch = collate(pack(samples, 1024), tok.pad_token_id, packed=True)
+    batch = collate(pack(samples, 1024) if packed else samples, tok.pad_token_id, packed)
     seen = []
     hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
-    token_loss_sum(model, batch)
+    token_loss_sum(model, model.lm_head, batch)
     hook.remove()
-    # Position t predicts label t+1: one logit row per label token (the row's first label is never one).
+    # Position t predicts label t+1: one logit row per label token (a row's first label is never one).
     assert seen == [int((batch["labels"][:, 1:] != IGNORE).sum())]
-    assert seen[0] < batch["input_ids"].shape[1] / 2
+    assert seen[0] < batch["input_ids"].numel() / 2
 
 
 def test_a_row_without_labels_gives_zero_loss_and_still_runs_backward(model_and_samples):
     model, tok, _ = model_and_samples
     batch = collate(build_samples(tok, [conv("hi", "x")], DataConfig())[:1], tok.pad_token_id, False)
     batch["labels"][:] = IGNORE  # the padding-row fallback of a rank without samples
-    loss = token_loss_sum(model, batch)
+    loss = token_loss_sum(model, model.lm_head, batch)
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
     model.zero_grad()
 
 
-def test_a_model_without_logits_to_keep_is_refused_in_one_line():
-    class Old(torch.nn.Module):
-        def forward(self, input_ids, labels=None):
-            return input_ids
+def test_a_model_without_an_lm_head_is_refused_in_one_line(tiny_llama):
+    from transformers import AutoModel
 
-    with pytest.raises(SwiftdistError, match="Old.forward takes no `logits_to_keep`"):
-        check_supported(Old())
+    with pytest.raises(SwiftdistError, match="LlamaModel has no output embeddings"):
+        output_head(AutoModel.from_pretrained(tiny_llama))

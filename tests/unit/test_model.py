@@ -3,7 +3,7 @@ import torch
 
 from swiftdist.config import ModelConfig
 from swiftdist.errors import SwiftdistError
-from swiftdist.model import load_model, lora_target_modules, resolve_attn_impl, resolve_model_path, weight_dtype
+from swiftdist.model import CPU_EAGER_MAX_ROW, load_model, lora_target_modules, resolve_attn_impl, resolve_model_path, weight_dtype
 
 
 def test_all_linear_targets_every_projection_but_the_lm_head(tiny_llama):
@@ -39,6 +39,10 @@ def test_flash_attention_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the CPU fallback is what is tested here")
     assert resolve_attn_impl("auto") == "sdpa"
+    # CPU: eager for short rows, where it measured faster than sdpa's CPU kernels; sdpa for long ones.
+    assert resolve_attn_impl("auto", longest_row=CPU_EAGER_MAX_ROW) == "eager"
+    assert resolve_attn_impl("auto", longest_row=CPU_EAGER_MAX_ROW + 1) == "sdpa"
+    assert resolve_attn_impl("sdpa", longest_row=10) == "sdpa"  # an explicit choice stays
     with pytest.raises(SwiftdistError, match="flash_attention_2 needs CUDA and the flash-attn package"):
         resolve_attn_impl("flash_attention_2")
 
