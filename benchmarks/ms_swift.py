@@ -38,7 +38,8 @@ def main(spec_path: str, run_dir: str, data: str, model_dir: str, system: str) -
         target_modules=["all-linear"],
         # The weights as in swiftdist and the other peers: a bf16 frozen base for LoRA, fp32 for full.
         torch_dtype="bfloat16" if spec.precision == "bf16" and spec.train_type == "lora" else "float32",
-        bf16=spec.precision == "bf16", use_cpu=True,
+        # Both explicit: with fp32 weights ms-swift would otherwise turn fp16 on as well.
+        bf16=spec.precision == "bf16", fp16=False, use_cpu=True,
         gradient_checkpointing=spec.gradient_checkpointing,  # its default is on; the job says otherwise
         max_length=spec.max_length, packing=spec.packing,
         per_device_train_batch_size=spec.micro_batch(world), gradient_accumulation_steps=1, max_steps=spec.steps,
