@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -82,6 +83,9 @@ def launch(c: Contender, spec_path: Path, run_dir: Path, timeout: int) -> RunRes
         except subprocess.TimeoutExpired:
             rc = None
     seconds = time.perf_counter() - t0
+    # What a run trained and saved is not a result (its figures are in rank*.json); a full
+    # fine-tune's checkpoints are GBs per run and a suite has a dozen runs.
+    shutil.rmtree(run_dir / "output", ignore_errors=True)
     files = sorted(run_dir.glob("rank*.json"), key=lambda p: int(p.stem[4:]))
     ranks = [json.loads(p.read_text()) for p in files]
     if rc == 0 and len(ranks) == c.nproc:
