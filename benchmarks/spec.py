@@ -80,18 +80,18 @@ def peer_model(spec: BenchSpec):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from swiftdist.config import DataConfig
+    from swiftdist.config import DataConfig, ModelConfig
     from swiftdist.data import build_datasets
-    from swiftdist.model import load_tokenizer, resolve_model_path
+    from swiftdist.model import load_tokenizer, resolve_model_path, weight_dtype
 
     path = resolve_model_path(spec.model)
     tokenizer = load_tokenizer(path)
     data = build_datasets(tokenizer, DataConfig(dataset=list(spec.dataset), max_length=spec.max_length,
                                                 packing=spec.packing), spec.seed)
     torch.manual_seed(spec.seed)
-    # As swiftdist (swiftdist.model.weight_dtype): LoRA keeps its frozen base in bf16 (adapters stay
-    # fp32 in peft); full fine-tuning keeps fp32 weights under bf16 autocast.
-    dtype = torch.bfloat16 if spec.precision == "bf16" and spec.train_type == "lora" else torch.float32
+    # The weights in swiftdist's dtypes: a bf16 frozen base for LoRA (peft keeps adapters fp32),
+    # fp32 for full fine-tuning under bf16 autocast.
+    dtype = weight_dtype(ModelConfig(train_type=spec.train_type), spec.precision)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
     if spec.gradient_checkpointing:

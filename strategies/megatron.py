@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from swiftdist import megatron_bridge as bridge
 from swiftdist.data import IGNORE
 from swiftdist.errors import SwiftdistError
+from swiftdist.loss import shifted_targets
 from swiftdist.strategies.base import Strategy, build_optimizer
 from swiftdist.strategies.dcp import read_tensors
 
@@ -163,7 +164,7 @@ class MegatronStrategy(Strategy):
             ids = F.pad(ids, (0, pad))
             pos = F.pad(pos, (0, pad))  # position 0: the padding forms its own sample
             batch = {**batch, "labels": F.pad(batch["labels"], (0, pad), value=IGNORE)}
-        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+        labels = shifted_targets(batch["labels"])
         sample = (pos == 0).cumsum(dim=1)
         s = ids.shape[1]
         causal = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()

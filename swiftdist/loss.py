@@ -25,13 +25,23 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The token each position is trained to predict: position t predicts label t+1, as in
+    transformers; the last position predicts nothing (IGNORE)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def label_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions of a batch the loss counts."""
+    return (shifted_targets(labels) != IGNORE).sum()
+
+
 def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed token cross-entropy of a batch (fp32), as transformers' own loss with reduction "sum".
 
     `model` is the module to call (any strategy's wrapper), `head` its LM head (output_head).
     """
-    # Position t predicts token t+1, as transformers shifts labels.
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    targets = shifted_targets(batch["labels"])
     labelled = targets != IGNORE
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     # A pre-hook, not a slice of the returned logits: the head must never see the other positions.

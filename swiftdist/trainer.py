@@ -25,6 +25,7 @@ from swiftdist.config import RunConfig, save_config
 from swiftdist.data import IGNORE, Sample, StepSampler, build_datasets, collate
 from swiftdist.distributed import DistInfo, barrier
 from swiftdist.errors import SwiftdistError
+from swiftdist.loss import label_count
 from swiftdist.metrics import Metrics, peak_memory_gib
 from swiftdist.model import (count_params, load_tokenizer, resolve_attn_impl, resolve_model_path, resolve_precision,
                              weight_dtype)
@@ -203,7 +204,7 @@ class Trainer:
         micro_batches, n_labels, n_tokens = [], 0, 0
         for idx in indices:
             batch = self._host_batch([train[i] for i in idx])
-            n_labels += (batch["labels"][:, 1:] != IGNORE).sum().item()  # HF shifts labels by one
+            n_labels += label_count(batch["labels"]).item()
             n_tokens += sum(len(train[i].input_ids) for i in idx)
             micro_batches.append({k: v.to(self.dist.device) for k, v in batch.items()})
         n_samples = min(self.sampler.global_batch, len(train) - self.state.consumed_in_epoch)
@@ -255,7 +256,7 @@ class Trainer:
         for i in range(n_batches):
             batch = {k: v.to(self.dist.device) for k, v in self._host_batch(mine[i * bs:(i + 1) * bs]).items()}
             loss_sum += self.strategy.forward_loss_sum(batch)
-            tokens += (batch["labels"][:, 1:] != IGNORE).sum()
+            tokens += label_count(batch["labels"])
         self.strategy.model.train()
         return (self.strategy.all_reduce_dp(loss_sum) / self.strategy.all_reduce_dp(tokens.float())).item()
 
