@@ -107,10 +107,16 @@ class CheckpointConfig:
     output_dir: str = "output"
     save_steps: int = 0
     """Save every N steps (0: only at the end)."""
+    save_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save (0: off). A job killed without
+    warning (node failure, OOM, kill -9) then loses at most this much work."""
     save_total_limit: int = 2
     """Keep this many step checkpoints (the newest ones)."""
     resume: Optional[str] = None
     """auto (newest complete checkpoint in output_dir, or start fresh) or a checkpoint path."""
+    ignore_data_changes: bool = False
+    """Resume although the model or data differ from the checkpoint's: weights and optimizer are
+    kept, the data position restarts at the beginning."""
     save_full_model: bool = False
     """Also gather the full model on rank 0 at each save (needs host memory for the whole model)."""
 
