@@ -217,7 +217,9 @@ class SplitData:
     val: list[Sample]
 
 
-def build_datasets(tokenizer, cfg: DataConfig, seed: int) -> SplitData:
+def split_conversations(cfg: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, validation) conversations: a seeded split, so `swiftdist eval --from-run` rebuilds the
+    same validation set from a run's config.yaml."""
     conversations = [c for spec in cfg.dataset for c in load_conversations(spec, cfg, seed)]
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
@@ -226,6 +228,11 @@ def build_datasets(tokenizer, cfg: DataConfig, seed: int) -> SplitData:
         n_val = 1
     val = [conversations[i] for i in sorted(order[:n_val])]
     train = [conversations[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def build_datasets(tokenizer, cfg: DataConfig, seed: int) -> SplitData:
+    train, val = split_conversations(cfg, seed)
     return SplitData(build_samples(tokenizer, train, cfg), build_samples(tokenizer, val, cfg) if val else [])
 
 

@@ -87,3 +87,18 @@ def train_in_process(argv: list[str]):
     trainer = Trainer(parse_config(argv), init_distributed())
     assert trainer.train() == 0
     return trainer
+
+
+def random_lora_adapter(model_path: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random A and B (peft initialises B to zero, which would change nothing), so
+    the adapted model answers differently from its base, and adapters of different seeds from each other."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                      task_type="CAUSAL_LM")
+    get_peft_model(model, lora).save_pretrained(out)
+    return out
