@@ -29,7 +29,10 @@ setup(
         "gguf",
         "matplotlib",
         "tqdm",
+        "rouge-score",  # swiftdist eval's ROUGE-L
+        "fastapi",  # swiftdist serve
+        "uvicorn",
     ],
-    extras_require={"test": ["pytest"], "megatron": ["mbridge", "einops"]},
+    extras_require={"test": ["pytest", "openai"], "megatron": ["mbridge", "einops"]},
     entry_points={"console_scripts": ["swiftdist=swiftdist.cli:main"]},
 )
