@@ -42,11 +42,17 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_native_bf16() -> bool:
+    """bf16 in hardware: compute capability 8.0 (Ampere) or newer. torch.cuda.is_bf16_supported()
+    also says yes on V100 and T4, which emulate bf16 slower than fp32; flash-attn 2 needs 8.0 too."""
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_native_bf16() else "fp32"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
@@ -65,12 +71,14 @@ def weight_dtype(cfg: ModelConfig, precision: str) -> torch.dtype:
 CPU_EAGER_MAX_ROW = 256
 
 
-def resolve_attn_impl(requested: str, longest_row: int | None = None) -> str:
-    """`auto`: flash-attn with CUDA and the package, else sdpa; on CPU, eager when every training
-    row (`longest_row` tokens) is short enough for it to be the faster one."""
+def resolve_attn_impl(requested: str, longest_row: int | None = None, *, precision: str | None = None) -> str:
+    """`auto`: flash-attn where it can run (CUDA with native bf16, the package, and bf16 `precision`),
+    else sdpa; on CPU, eager when every training row (`longest_row` tokens) is short enough for it
+    to be the faster one. flash-attn computes in bf16/fp16 only, so fp32 training (or a caller that
+    does not say its precision) gets sdpa, which runs in every precision."""
     has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
-        if has_flash:
+        if has_flash and precision == "bf16" and cuda_native_bf16():
             return "flash_attention_2"
         cpu_short = not torch.cuda.is_available() and longest_row is not None and longest_row <= CPU_EAGER_MAX_ROW
         return "eager" if cpu_short else "sdpa"
@@ -79,6 +87,9 @@ def resolve_attn_impl(requested: str, longest_row: int | None = None) -> str:
             "--attn-impl flash_attention_2 needs CUDA and the flash-attn package; "
             "use --attn-impl sdpa (or auto) on this machine"
         )
+    if requested == "flash_attention_2" and precision == "fp32":
+        raise SwiftdistError("--attn-impl flash_attention_2 computes in bf16 only, not with --precision fp32; "
+                             "use --precision bf16, or --attn-impl sdpa (or auto)")
     return requested
 
 
@@ -215,7 +226,7 @@ def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contex
     dtype = weight_dtype(cfg, precision)
     kwargs = dict(
         dtype=dtype,
-        attn_implementation=resolve_attn_impl(cfg.attn_impl),
+        attn_implementation=resolve_attn_impl(cfg.attn_impl, precision=precision),
         trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.train_type == "qlora":
