@@ -280,6 +280,13 @@ def parse_config(argv: list[str]) -> RunConfig:
     return run
 
 
+def explicitly_set(argv: list[str]) -> set[str]:
+    """Dotted keys that the arguments or their presets set, whatever the value: tells an explicit
+    `--save-steps 0` from the default."""
+    configs, pairs = _split_argv(argv)
+    return {dotted for path in configs for dotted, _ in _flatten_yaml(path)} | {dotted for dotted, _ in pairs}
+
+
 def validate(cfg: RunConfig) -> None:
     """Collect every problem, then raise once (litgpt's validate_args)."""
     problems = []
