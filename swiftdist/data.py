@@ -239,8 +239,13 @@ def build_datasets(tokenizer, cfg: DataConfig, seed: int) -> SplitData:
 # ---- batching ----------------------------------------------------------------------------------
 
 
-def collate(samples: list[Sample], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample. Padding carries label -100, so it never counts in the loss."""
+def collate(samples: list[Sample], pad_id: int, packed: bool, padding_free: bool = False) -> dict[str, torch.Tensor | int]:
+    """Right-pad to the longest sample. Padding carries label -100, so it never counts in the loss.
+
+    `padding_free` (for flash_attention_2): every sample back to back in one row instead, see flatten().
+    """
+    if padding_free:
+        return flatten(samples)
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
@@ -259,6 +264,29 @@ def collate(samples: list[Sample], pad_id: int, packed: bool) -> dict[str, torch
         # position_ids only when the mask is absent.
         batch["attention_mask"] = mask
     return batch
+
+
+def flatten(samples: list[Sample]) -> dict[str, torch.Tensor | int]:
+    """One row of all the samples' tokens, no padding, with flash-attention's varlen boundaries.
+
+    transformers infers sample boundaries from position_ids only for a single row (and with a device
+    sync in every layer); given `cu_seq_lens_q/k` (where each conversation starts, then the total)
+    and `max_length_q/k` (the longest, a Python int as flash-attn wants it), as transformers'
+    DataCollatorWithFlattening passes them, attention stays inside each conversation at any batch
+    size and no token is padding. A conversation starts wherever position_ids restart at 0, so the
+    conversations inside a packed sample are kept apart too.
+    """
+    ids = [t for s in samples for t in s.input_ids]
+    positions = [p for s in samples for p in s.position_ids]
+    labels = [label for s in samples for label in s.labels]
+    starts = [i for i, p in enumerate(positions) if p == 0]
+    for i in starts:
+        # In one row the previous conversation's last token would be trained to predict this one.
+        labels[i] = IGNORE
+    bounds = torch.tensor([*starts, len(ids)], dtype=torch.int32)
+    longest = int(bounds.diff().max())
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
+            "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds.clone(), "max_length_q": longest, "max_length_k": longest}
 
 
 class StepSampler:
