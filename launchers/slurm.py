@@ -10,7 +10,11 @@ everything after `--` is training args. One node renders slurm/single_node.sbatc
 several render slurm/multi_node.sbatch (one torchrun per node through srun, c10d rendezvous on
 the first node's NodeAddr). Every value is shell-quoted. Jobs checkpoint and requeue themselves on
 USR1 (`--signal-seconds` before the time limit, or `scancel --signal=USR1 --batch`) and resume with
-`--resume auto`; the output dir records the job id (`slurm-job-id`), so status/cancel take either.
+`--resume auto`; --signal-seconds is also how long torchrun lets the workers finish a step and save
+before it kills them. Jobs save every --save-minutes (default DEFAULT_SAVE_MINUTES) unless the
+training args set a periodic save themselves, so a job killed without warning loses little; a job
+with no periodic save at all gets a warning. The output dir records the job id (`slurm-job-id`), so
+status/cancel take either.
 Raises SwiftdistError for user mistakes (sbatch missing, bad counts, values SLURM cannot carry).
 """
 
@@ -25,10 +29,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from swiftdist.errors import SwiftdistError
-from swiftdist.launchers.torchrun import TORCHRUN_ENV, ShellVar, TorchrunSpec, split_double_dash, sft_command
+from swiftdist.launchers.torchrun import (DEFAULT_GRACE_SECONDS, TORCHRUN_ENV, ShellVar, TorchrunSpec,
+                                          split_double_dash, sft_command)
+
+if TYPE_CHECKING:
+    from swiftdist.config import RunConfig
 
 # The checkout's slurm/ (editable install), else the copy setup.py installs under <prefix>/share.
 TEMPLATES = next((p for p in (Path(__file__).resolve().parent.parent / "slurm",
@@ -39,6 +47,8 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # sbatch reads #SBATCH lines itself: it understands quotes, but a newline ends the line and a
 # backslash escapes even inside single quotes, so such values cannot be carried faithfully.
 UNSAFE_IN_DIRECTIVE = re.compile(r"[\\\x00-\x1f\x7f]")
+# Periodic saving for jobs whose args set none (README, "Launching" says why 30).
+DEFAULT_SAVE_MINUTES = 30
 
 
 @dataclass
@@ -61,8 +71,10 @@ class SlurmJob:
     job_name: str = "swiftdist"
     output: Optional[str] = None
     """The job's log (default OUTPUT_DIR/slurm-%j.out); appended to across requeues."""
-    signal_seconds: int = 120
-    """USR1 this long before the time limit: the training checkpoints and the job requeues."""
+    signal_seconds: int = DEFAULT_GRACE_SECONDS
+    """USR1 this long before the time limit: the training checkpoints and the job requeues. Also the
+    grace torchrun gives the workers after any stop (its --shutdown-timeout): at least the longest
+    step plus a save."""
     max_restarts: int = 0
     master_port: Optional[int] = None
     """Rendezvous port on the first node (default derived from the job id)."""
@@ -129,9 +141,10 @@ def _directive(name: str, value) -> str:
     return f"#SBATCH --{name}={shlex.quote(text)}"
 
 
-def training_args(train_args: list[str]) -> tuple[list[str], Path]:
-    """Validated training args with `--resume auto` (what a requeued job needs), and the output dir."""
-    from swiftdist.config import parse_config
+def training_args(train_args: list[str]) -> tuple[list[str], RunConfig]:
+    """The validated training args a job runs, and their config: `--resume auto` (what a requeued job
+    needs), and `--save-minutes DEFAULT_SAVE_MINUTES` unless the args set --save-steps or --save-minutes."""
+    from swiftdist.config import explicitly_set, parse_config
 
     cfg = parse_config(train_args)
     resume = cfg.checkpoint.resume
@@ -139,19 +152,34 @@ def training_args(train_args: list[str]) -> tuple[list[str], Path]:
         raise SwiftdistError(f"--resume {resume}: a SLURM job resumes from its own output dir after every "
                              "requeue (--resume auto); copy the checkpoint into the output dir's checkpoints/ instead")
     args = train_args if resume == "auto" else [*train_args, "--resume", "auto"]
-    return args, Path(os.path.abspath(cfg.checkpoint.output_dir))
+    if not explicitly_set(train_args) & {"checkpoint.save_steps", "checkpoint.save_minutes"}:
+        args = [*args, "--save-minutes", str(DEFAULT_SAVE_MINUTES)]
+    return args, parse_config(args)
+
+
+def output_dir_of(cfg: RunConfig) -> Path:
+    return Path(os.path.abspath(cfg.checkpoint.output_dir))
+
+
+def unsaved_work_warning(cfg: RunConfig) -> Optional[str]:
+    """A requeueing job that saves only when warned restarts from scratch after a kill without warning."""
+    if cfg.checkpoint.save_steps or cfg.checkpoint.save_minutes:
+        return None
+    return ("swiftdist: warning: this job requeues, but --save-steps 0 and --save-minutes 0 turn periodic saving "
+            "off: a node failure or OOM kill restarts it from its last checkpoint, or from scratch")
 
 
 def render(job: SlurmJob) -> str:
     """The batch script for `job` (single_node.sbatch for one node, multi_node.sbatch for more)."""
-    train_args, output_dir = training_args(job.train_args)
+    train_args, cfg = training_args(job.train_args)
     if job.nodes == 1:
-        spec = TorchrunSpec(nproc_per_node=job.nproc_per_node, max_restarts=job.max_restarts)
+        spec = TorchrunSpec(nproc_per_node=job.nproc_per_node, max_restarts=job.max_restarts,
+                            grace_seconds=job.signal_seconds)
         template = "single_node.sbatch"
     else:
         spec = TorchrunSpec(nproc_per_node=job.nproc_per_node, nnodes=job.nodes, master_addr=ShellVar("$master_addr"),
                             master_port=ShellVar("$master_port"), rdzv_id=ShellVar("$SLURM_JOB_ID"),
-                            max_restarts=job.max_restarts)
+                            max_restarts=job.max_restarts, grace_seconds=job.signal_seconds)
         template = "multi_node.sbatch"
     cmd = sft_command(job.python, spec, [])
     exports = {"OMP_NUM_THREADS": str(max(1, job.cpus_per_task // job.nproc_per_node)),
@@ -161,7 +189,7 @@ def render(job: SlurmJob) -> str:
     values = {
         "NNODES": str(job.nodes),
         "NPROC_PER_NODE": str(job.nproc_per_node),
-        "SBATCH_DIRECTIVES": "\n".join(_directive(k, v) for k, v in job.directives(output_dir)),
+        "SBATCH_DIRECTIVES": "\n".join(_directive(k, v) for k, v in job.directives(output_dir_of(cfg))),
         "PREAMBLE": "\n".join(preamble),
         "MASTER_PORT": quote(job.master_port) if job.master_port else "''",
         "TORCHRUN": " ".join(map(quote, cmd)) + "\n        " + " ".join(map(quote, train_args)),
@@ -174,7 +202,7 @@ def render(job: SlurmJob) -> str:
 def submit(job: SlurmJob) -> str:
     """sbatch the rendered script; returns the job id, also written to OUTPUT_DIR/slurm-job-id."""
     script = render(job)
-    _, output_dir = training_args(job.train_args)
+    output_dir = output_dir_of(training_args(job.train_args)[1])
     output_dir.mkdir(parents=True, exist_ok=True)  # the job log goes there from the job's first second
     path = output_dir / "slurm-job.sbatch"
     path.write_text(script)
@@ -232,8 +260,9 @@ def _job_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--account")
     p.add_argument("--job-name", default="swiftdist")
     p.add_argument("--output", help="job log (default OUTPUT_DIR/slurm-%%j.out)")
-    p.add_argument("--signal-seconds", type=int, default=120,
-                   help="USR1 this long before the time limit: checkpoint, requeue, resume")
+    p.add_argument("--signal-seconds", type=int, default=DEFAULT_GRACE_SECONDS,
+                   help="USR1 this long before the time limit: checkpoint, requeue, resume; also the time "
+                        "the training gets to finish a step and save after any stop (>= longest step + save)")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a worker failure")
     p.add_argument("--master-port", type=int, help="rendezvous port (default derived from the job id)")
     p.add_argument("--python", default=sys.executable, help="interpreter the job runs (default: this one)")
@@ -268,6 +297,9 @@ def main(argv: list[str]) -> int:
     action, rest = argv[0], argv[1:]
     if action in ("render", "submit"):
         job, ns = _job_from_argv(f"swiftdist slurm {action}", rest)
+        warning = unsaved_work_warning(training_args(job.train_args)[1])
+        if warning:
+            print(warning, file=sys.stderr)
         if action == "render" or ns.dry_run:
             print(render(job), end="")
         else:

@@ -7,7 +7,11 @@
 One machine uses torchrun's standalone rendezvous (a free local port). Several machines meet at
 --master-addr through c10d, which assigns node ranks itself and lets a restarted group
 (--max-restarts) meet again; --node-rank pins ranks instead (static rendezvous, no restarts of a
-lost node). Raises SwiftdistError for impossible combinations (several nodes without an address).
+lost node). A stop signal (SIGTERM from a scheduler, or SIGUSR1, which srun passes on unchanged)
+is forwarded to the workers, which checkpoint at their next step boundary; torchrun kills them
+--grace-seconds later (its --shutdown-timeout, 30 s unless given), so that number must cover the
+longest step plus a save. Raises SwiftdistError for impossible combinations (several nodes without
+an address).
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ DEFAULT_PORT = 29500
 # Environment every torchrun of ours gets (setdefault: the user's own value wins).
 # A restarted gloo group otherwise often fails on the previous group's stale shared TCP store.
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# torchrun's default set plus SIGUSR1: the stop signal our SLURM templates send, because srun
+# forwards USR1 to its tasks as it is but answers TERM by SIGKILLing them.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# Seconds between a stop signal and torchrun's SIGKILL of the workers: a step plus a save must fit.
+# Also the SLURM warning lead (--signal-seconds), the same number by design.
+DEFAULT_GRACE_SECONDS = 120
 
 
 class ShellVar(str):
@@ -45,6 +55,9 @@ class TorchrunSpec:
     max_restarts: int = 0
     rdzv_id: object = "swiftdist"
     """Names one rendezvous among others on the same host (the SLURM job id in templates)."""
+    grace_seconds: int = DEFAULT_GRACE_SECONDS
+    """After a stop signal, how long the workers may take to finish the step and checkpoint before
+    torchrun kills them (its --shutdown-timeout)."""
 
     def __post_init__(self):
         problems = []
@@ -54,6 +67,8 @@ class TorchrunSpec:
             problems.append(f"--nnodes {self.nnodes}: must be at least 1")
         if self.max_restarts < 0:
             problems.append(f"--max-restarts {self.max_restarts}: must be 0 or more")
+        if self.grace_seconds < 0:
+            problems.append(f"--grace-seconds {self.grace_seconds}: must be 0 or more")
         if self.nnodes > 1 and not self.master_addr:
             problems.append(f"--nnodes {self.nnodes} needs --master-addr (the host the nodes meet at)")
         if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
@@ -75,7 +90,8 @@ def torchrun_args(spec: TorchrunSpec) -> list[str]:
         # waiting 30 s for late ones (matters on every restart).
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", _endpoint(spec.master_addr, spec.master_port),
                  "--rdzv-id", spec.rdzv_id, "--rdzv-conf", "last_call_timeout=1"]
-    args += ["--max-restarts", str(spec.max_restarts)]
+    args += ["--max-restarts", str(spec.max_restarts),
+             "--signals-to-handle", FORWARDED_SIGNALS, "--shutdown-timeout", str(spec.grace_seconds)]
     return args
 
 
@@ -100,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=DEFAULT_PORT)
     p.add_argument("--max-restarts", type=int, default=0, help="restart the group this often after a failure")
     p.add_argument("--rdzv-id", default="swiftdist", help="unique per run when several share the rendezvous host")
+    p.add_argument("--grace-seconds", type=int, default=DEFAULT_GRACE_SECONDS,
+                   help="after SIGTERM/SIGUSR1, seconds the workers get to finish their step and checkpoint "
+                        "before torchrun kills them (at least your longest step + save)")
     p.add_argument("--python", default=sys.executable, help="interpreter with swiftdist installed")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     return p
@@ -111,7 +130,7 @@ def main(argv: list[str]) -> int:
     ns = _parser().parse_args(own)
     spec = TorchrunSpec(nproc_per_node=ns.nproc_per_node, nnodes=ns.nnodes, master_addr=ns.master_addr,
                         master_port=ns.master_port, node_rank=ns.node_rank, max_restarts=ns.max_restarts,
-                        rdzv_id=ns.rdzv_id)
+                        rdzv_id=ns.rdzv_id, grace_seconds=ns.grace_seconds)
     from swiftdist.config import parse_config
 
     parse_config(train_args)  # a typo fails here, once, not in every worker

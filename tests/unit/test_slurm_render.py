@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from swiftdist.errors import SwiftdistError
-from swiftdist.launchers.slurm import SlurmJob, main as slurm_main, render
+from swiftdist.launchers.slurm import DEFAULT_SAVE_MINUTES, SlurmJob, main as slurm_main, render
 from swiftdist.launchers.torchrun import TorchrunSpec, main as launch_main, torchrun_args
 
 HOSTILE_NAME = 'x"; rm -rf ~; "'
@@ -27,7 +29,7 @@ HOSTILE_ARG = "it's \"; touch PWNED; \" $(touch PWNED2) `touch PWNED3` $HOME\nne
 # scontrol: `show hostnames` expands "pre[a-b]" lists; `show node N` gives a NodeAddr that is not
 # the node's name (as on the local test cluster, where names do not resolve).
 FAKE_SCONTROL = r'''#!/usr/bin/env python3
-import re, sys
+import os, re, sys
 args = sys.argv[1:]
 if args[:2] == ["show", "hostnames"]:
     for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args[2]):
@@ -40,17 +42,46 @@ if args[:2] == ["show", "hostnames"]:
             print(part)
 elif args[:2] == ["show", "node"]:
     print(f"NodeName={args[2]} Arch=x86_64 CoresPerSocket=8\n   NodeAddr=10.1.0.{int(args[2][-2:])} NodeHostName={args[2]}")
+elif args[0] == "requeue":
+    with open(os.environ["FAKE_LOG"] + ".requeue", "a") as f:
+        f.write(args[1] + "\n")
 '''
 # srun: one task per node, as SLURM would start them (SLURM_NODEID differs, the command does not).
+# Signals as srun 22.05 handles them: USR1 passed on to the tasks as it is, TERM answered with
+# SIGKILL ("forcing job termination"). Exits with the first failing task's status.
 FAKE_SRUN = r'''#!/usr/bin/env bash
 while [[ "$1" == --* ]]; do echo "$1" >> "$FAKE_LOG.srun"; shift; done
-for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do SLURM_NODEID=$i "$@" || exit $?; done
+pids=()
+for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done
+trap 'kill -USR1 "${pids[@]}"' USR1
+trap 'kill -KILL "${pids[@]}"' TERM
+rc=0
+for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
+    wait "$pid" || { status=$?; ((rc)) || rc=$status; }
+done
+exit "$rc"
 '''
 FAKE_PYTHON = r'''#!/usr/bin/env python3
 import json, os, sys
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps({"argv": sys.argv[1:], "node": os.environ.get("SLURM_NODEID"),
                         "omp": os.environ.get("OMP_NUM_THREADS"), "nccl": os.environ.get("NCCL_DEBUG")}) + "\n")
+'''
+# A torchrun whose training stops as ours does: it records every signal, says when it is ready, and
+# after the first USR1/TERM takes a while to "save" before it exits 143; SIGKILL leaves no record.
+FAKE_TRAINING = r'''#!/usr/bin/env python3
+import json, os, signal, sys, time
+node, got = os.environ.get("SLURM_NODEID", "0"), []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda s, _: got.append(signal.Signals(s).name))
+open(f"{os.environ['FAKE_LOG']}.ready{node}", "w").close()
+while not got:
+    time.sleep(0.01)
+time.sleep(1.0)  # the save; the test's second signal arrives meanwhile
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({"node": node, "signals": got, "saved": True}) + "\n")
+sys.exit(143)
 '''
 
 
@@ -68,6 +99,7 @@ def fake_cluster(tmp_path):
     _executable(bin_dir / "scontrol", FAKE_SCONTROL)
     _executable(bin_dir / "srun", FAKE_SRUN)
     python = _executable(bin_dir / "python-with-swiftdist", FAKE_PYTHON)
+    _executable(bin_dir / "python-training", FAKE_TRAINING)
     log = tmp_path / "calls.jsonl"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "16"}
@@ -107,7 +139,7 @@ def test_multi_node_two_by_four_gpus(tmp_path, fake_cluster):
 
     proc = run_script(script, tmp_path, env)
     # One torchrun per node, identical: c10d assigns the ranks, so no per-node value is needed.
-    per_node = calls(log)
+    per_node = sorted(calls(log), key=lambda c: c["node"])
     assert [c["node"] for c in per_node] == ["0", "1"]
     assert per_node[0]["argv"] == per_node[1]["argv"]
     argv = per_node[0]["argv"]
@@ -115,8 +147,11 @@ def test_multi_node_two_by_four_gpus(tmp_path, fake_cluster):
     port = 20000 + 4242 % 20000
     assert torchrun == ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "4",
                         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"10.1.0.7:{port}", "--rdzv-id", "4242",
-                        "--rdzv-conf", "last_call_timeout=1", "--max-restarts", "0", "-m", "swiftdist.sft"]
-    assert argv[len(torchrun):] == train_args(tmp_path / "out", "--resume", "auto")
+                        "--rdzv-conf", "last_call_timeout=1", "--max-restarts", "0",
+                        "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "120",
+                        "-m", "swiftdist.sft"]
+    assert argv[len(torchrun):] == train_args(tmp_path / "out", "--resume", "auto",
+                                              "--save-minutes", str(DEFAULT_SAVE_MINUTES))
     assert per_node[0]["omp"] == "4" and per_node[0]["nccl"] == "INFO"  # 16 CPUs over 4 processes
     assert (tmp_path / "calls.jsonl.srun").read_text().split() == [
         "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16", "--kill-on-bad-exit=1"]
@@ -145,7 +180,7 @@ def test_hostile_values_stay_strings(tmp_path, fake_cluster):
     assert shlex.split(name) == [f"--job-name={HOSTILE_NAME}"]
     run_script(script, tmp_path, env)
     for c in calls(log):
-        assert c["argv"][-4:] == ["--system", HOSTILE_ARG, "--resume", "auto"]
+        assert c["argv"][-6:-2] == ["--system", HOSTILE_ARG, "--resume", "auto"]
     assert not list(tmp_path.glob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
 
 
@@ -178,14 +213,15 @@ def test_cli_render_mixes_training_flags_and_submit_needs_sbatch(tmp_path, capsy
 
 
 def test_torchrun_command_lines():
+    stop = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout"]
     assert torchrun_args(TorchrunSpec(nproc_per_node=2)) == [
-        "--nnodes", "1", "--nproc-per-node", "2", "--standalone", "--max-restarts", "0"]
+        "--nnodes", "1", "--nproc-per-node", "2", "--standalone", "--max-restarts", "0", *stop, "120"]
     assert torchrun_args(TorchrunSpec(nproc_per_node=4, nnodes=2, master_addr="10.0.0.1", max_restarts=3)) == [
         "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29500",
-        "--rdzv-id", "swiftdist", "--rdzv-conf", "last_call_timeout=1", "--max-restarts", "3"]
-    assert torchrun_args(TorchrunSpec(nnodes=2, node_rank=1, master_addr="h0", master_port=1234)) == [
+        "--rdzv-id", "swiftdist", "--rdzv-conf", "last_call_timeout=1", "--max-restarts", "3", *stop, "120"]
+    assert torchrun_args(TorchrunSpec(nnodes=2, node_rank=1, master_addr="h0", master_port=1234, grace_seconds=600)) == [
         "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", "1", "--master-addr", "h0", "--master-port", "1234",
-        "--max-restarts", "0"]
+        "--max-restarts", "0", *stop, "600"]
     with pytest.raises(SwiftdistError, match="--nnodes 2 needs --master-addr"):
         TorchrunSpec(nnodes=2)
     with pytest.raises(SwiftdistError, match="--node-rank 2: must be in 0..1"):
@@ -193,9 +229,70 @@ def test_torchrun_command_lines():
 
 
 def test_launch_dry_run(capsys):
-    assert launch_main(["--nproc-per-node", "2", "--nnodes", "2", "--master-addr", "10.0.0.1", "--dry-run",
-                        "--", "--model", "tiny-llama", "--system", "a b"]) == 0
+    assert launch_main(["--nproc-per-node", "2", "--nnodes", "2", "--master-addr", "10.0.0.1", "--grace-seconds", "300",
+                        "--dry-run", "--", "--model", "tiny-llama", "--system", "a b"]) == 0
     cmd = shlex.split(capsys.readouterr().out)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == "10.0.0.1:29500"
+    assert cmd[cmd.index("--shutdown-timeout") + 1] == "300"
     assert cmd[-6:] == ["-m", "swiftdist.sft", "--model", "tiny-llama", "--system", "a b"]
+
+
+def test_torchrun_signal_flags_exist_in_this_torch():
+    """The flags we pass are torchrun's own (torch >= 2.10), with the meaning we rely on."""
+    from torch.distributed.run import get_args_parser
+
+    ns = get_args_parser().parse_args(torchrun_args(TorchrunSpec(grace_seconds=75)) + ["-m", "swiftdist.sft"])
+    assert ns.signals_to_handle.split(",")[-1] == "SIGUSR1" and ns.shutdown_timeout == 75
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+@pytest.mark.parametrize("signals, requeued", [(["USR1"], True), (["USR1", "TERM"], True), (["TERM"], False),
+                                               (["TERM", "USR1"], True)])
+def test_stop_signals_reach_the_training_once_as_usr1_and_usr1_requeues(tmp_path, fake_cluster, nodes, signals,
+                                                                        requeued):
+    """The batch shell passes the first stop on as USR1 (the one srun forwards; TERM would make it SIGKILL the
+    tasks) and no second one; any USR1, also one followed by the scheduler's TERM, requeues the job."""
+    python, env, log = fake_cluster
+    job = SlurmJob(train_args(tmp_path / "out"), nodes=nodes, python=str(python.parent / "python-training"),
+                   workdir=str(tmp_path))
+    path = tmp_path / "job.sbatch"
+    path.write_text(render(job))
+    shell = subprocess.Popen(["bash", str(path)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("calls.jsonl.ready*"))) < nodes:
+        assert shell.poll() is None and time.monotonic() < deadline, shell.communicate()[0]
+        time.sleep(0.02)
+    for name in signals:
+        shell.send_signal(getattr(signal, f"SIG{name}"))
+        time.sleep(0.2)  # each trap runs before the next signal (bash runs traps between commands)
+    out, _ = shell.communicate(timeout=30)
+    assert shell.returncode == 143, out
+    assert calls(log) and all(c == {"node": c["node"], "signals": ["SIGUSR1"], "saved": True} for c in calls(log)), out
+    assert len(calls(log)) == nodes
+    requeue = tmp_path / "calls.jsonl.requeue"
+    assert (requeue.read_text() == "4242\n" if requeued else not requeue.exists()), out
+
+
+def test_periodic_saving_is_on_unless_the_args_choose(tmp_path, capsys):
+    def job_args(*extra: str) -> list[str]:
+        script = render(SlurmJob(train_args(tmp_path / "out", *extra)))
+        line = script.split("-m swiftdist.sft", 1)[1].split("\n", 2)[1]  # the training args follow torchrun's line
+        return shlex.split(line.removesuffix(")"))  # `launch=(...)` ends there on one node
+
+    assert job_args()[-2:] == ["--save-minutes", str(DEFAULT_SAVE_MINUTES)]
+    assert "--save-minutes" not in job_args("--save-steps", "50")
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("checkpoint:\n  save_minutes: 10\n")
+    assert "--save-minutes" not in job_args("--config", str(preset))
+
+    # Periodic saving turned off on purpose: rendered as asked, with one line of warning.
+    for off in (["--save-steps", "0"], ["--save-steps", "0", "checkpoint.save_minutes=0"]):
+        assert slurm_main(["render", "--output-dir", str(tmp_path), *off]) == 0
+        captured = capsys.readouterr()
+        assert "--save-minutes" not in captured.out
+        (line,) = captured.err.splitlines()
+        assert line.startswith("swiftdist: warning: this job requeues, but --save-steps 0 and --save-minutes 0")
+    assert slurm_main(["render", "--output-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ""
