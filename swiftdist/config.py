@@ -10,15 +10,21 @@ valid name.
 
 from __future__ import annotations
 
+import ast
 import difflib
+import inspect
 import os
+import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from swiftdist import aliases
 from swiftdist.errors import SwiftdistError
+from swiftdist.strategies import names as strategy_names
 
 
 @dataclass
@@ -35,11 +41,15 @@ class ModelConfig:
     train_type: str = "lora"
     """full, lora or qlora (4-bit NF4 base weights + LoRA)."""
     lora_rank: int = 8
+    """Rank of the LoRA update matrices."""
     lora_alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_rank."""
     lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module name suffixes to adapt, or `all-linear` (every linear layer but the LM head)."""
     gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass: less memory, more compute."""
 
 
 @dataclass
@@ -47,10 +57,11 @@ class DataConfig:
     dataset: list[str] = field(default_factory=lambda: ["self-cognition"])
     """Files (jsonl/json/csv/parquet) or built-ins (`self-cognition`, `general-qa`); `path#N` samples N rows."""
     format: str = "auto"
-    """auto, messages, sharegpt or alpaca."""
+    """Row format of the dataset files; auto tells it from each row's keys."""
     system: Optional[str] = None
     """System prompt added to every conversation that has none."""
     max_length: int = 1024
+    """Longest sample in tokens (with --packing: the length of a packed row)."""
     truncation: str = "truncate"
     """What to do with a sample longer than max_length: truncate or drop."""
     packing: bool = False
@@ -70,20 +81,29 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step; global batch = batch_size * grad_accum * data-parallel size."""
     epochs: int = 1
+    """Passes over the training data."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run all epochs)."""
     lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.1
+    """AdamW weight decay; 1-D weights (norms, biases) get none."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.95
+    """AdamW beta2."""
     scheduler: str = "cosine"
     """cosine, linear or constant (after warmup)."""
     warmup_ratio: float = 0.05
+    """Fraction of the run spent raising the learning rate linearly from 0."""
     min_lr_ratio: float = 0.0
+    """Where cosine/linear decay ends, as a fraction of lr."""
     max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
     precision: str = "auto"
     """auto (bf16 where the device runs it fast), bf16 or fp32."""
     seed: int = 42
+    """Seeds the data order, the validation split, `#N` sampling and dropout."""
     eval_steps: int = 0
     """Evaluate every N steps (0: only at the end, when there is a validation split)."""
 
@@ -91,7 +111,8 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     strategy: str = "ddp"
-    """ddp, fsdp, fsdp-offload, zero2, zero2-offload, zero3, zero3-offload, megatron, auto."""
+    """How the model is spread over the ranks (README: Strategies); auto takes the first whose memory
+    estimate fits the device."""
     tp: int = 1
     """Tensor-parallel size (megatron)."""
     pp: int = 1
@@ -105,6 +126,7 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     output_dir: str = "output"
+    """Where checkpoints, metrics, the resolved config and the final model go."""
     save_steps: int = 0
     """Save every N steps (0: only at the end)."""
     save_minutes: float = 0.0
@@ -124,9 +146,11 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     log_steps: int = 1
+    """Log every N optimizer steps."""
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     """Any of: jsonl, wandb. The terminal always gets rank-0 logs."""
     wandb_project: str = "swiftdist"
+    """wandb project name (with --report-to wandb)."""
     wandb_mode: str = "offline"
     """offline (default: no network needed), online or disabled."""
     log_samples: bool = False
@@ -150,61 +174,110 @@ CHOICES = {
     "data.format": ("auto", "messages", "sharegpt", "alpaca"),
     "data.truncation": ("truncate", "drop"),
     "train.scheduler": ("cosine", "linear", "constant"),
+    "parallel.strategy": tuple(strategy_names()),
     "train.precision": ("auto", "bf16", "fp32"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }
-ALIASES = {"dataset": "data.dataset", "datasets": "data.dataset"}
+SINKS = ("jsonl", "wandb")
 
 
-def _field_paths() -> dict[str, str]:
-    """Flag name (dashes) -> dotted path, for every leaf field."""
-    paths = {}
+def _leaf_types() -> dict[str, type]:
+    """Dotted path -> the type of its value (Optional[str] fields count as str)."""
+    types = {}
     for section in fields(RunConfig):
-        for leaf in fields(section.default_factory()):
-            paths[leaf.name.replace("_", "-")] = f"{section.name}.{leaf.name}"
-    paths.update({k.replace("_", "-"): v for k, v in ALIASES.items()})
-    return paths
+        defaults = section.default_factory()
+        for leaf in fields(defaults):
+            value = getattr(defaults, leaf.name)
+            types[f"{section.name}.{leaf.name}"] = type(value) if value is not None else str
+    return types
 
 
-FLAGS = _field_paths()
-DOTTED = set(FLAGS.values())
+LEAF_TYPES = _leaf_types()
+SECTIONS = {section.name for section in fields(RunConfig)}
+FLAGS = {dotted.split(".")[1].replace("_", "-"): dotted for dotted in LEAF_TYPES}  # flag name -> dotted path
+KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 
 
 def _unknown(key: str, where: str) -> SwiftdistError:
-    pool = list(DOTTED) if "." in key else [f"--{f}" for f in FLAGS]
-    close = difflib.get_close_matches(key, pool, n=1, cutoff=0.5)
+    """An unknown key, with the closest valid one in the same spelling (flag, YAML name or dotted path)."""
+    if "." in key:
+        section, _, leaf = key.partition(".")
+        home = next((d for d in LEAF_TYPES if d.split(".")[1] == leaf), None)
+        if home:
+            return SwiftdistError(f"{where}: unknown config key '{key}': {leaf} belongs in section "
+                                  f"'{home.split('.')[0]}' ({home})")
+        pool = list(LEAF_TYPES)
+    elif key.startswith("--"):
+        pool = [f"--{flag}" for flag in FLAGS] + [f"--{name}" for name in aliases.ALIASES]
+    else:
+        pool = [d.split(".")[1] for d in LEAF_TYPES] + list(aliases.ALIASES)
+    close = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]}?" if close else "; see `swiftdist sft --help`"
     return SwiftdistError(f"{where}: unknown config key '{key}'{hint}")
 
 
-def _flatten_yaml(path: str) -> list[str]:
-    """A preset may be nested (`model: {lora_rank: 8}`) or flat (`lora_rank: 8`); both become dotlist."""
+def _nargs(name: str) -> str | None:
+    """How many values a flag takes: "one", "list", or "flag" (may stand alone); None if unknown."""
+    alias = aliases.lookup(name)
+    if alias:
+        return alias.nargs
+    dotted = FLAGS.get(name.replace("_", "-"))
+    if dotted is None:
+        return None
+    kind = LEAF_TYPES[dotted]
+    return "flag" if kind is bool else "list" if kind is list else "one"
+
+
+def _pairs(name: str, value, shown: str, where: str) -> list[tuple[str, object]]:
+    """A flat name (ours or an alias) and its value -> [(dotted path, value)]."""
+    alias = aliases.lookup(name)
+    if alias is None:
+        return [(FLAGS[name.replace("_", "-")], value)]
+    try:
+        return alias.convert(value)
+    except aliases.Refused as e:
+        raise SwiftdistError(f"{where}: {shown}: {e}") from None
+
+
+def _read_yaml(path: str) -> list[tuple[str, object]]:
+    """A preset may be nested (`model: {lora_rank: 8}`) or flat (`lora_rank: 8`); both become dotted pairs."""
     try:
         raw = OmegaConf.load(path)
     except FileNotFoundError:
         raise SwiftdistError(f"--config {path}: file not found") from None
-    except Exception as e:  # yaml parser errors carry line numbers in their text
-        raise SwiftdistError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    items = []
-    for key, value in OmegaConf.to_container(raw).items():
-        if isinstance(value, dict) and key in {f.name for f in fields(RunConfig)}:
-            for sub, v in value.items():
-                items.append((f"{key}.{sub}", v))
-        else:
-            items.append((key, value))
+    except IsADirectoryError:
+        raise SwiftdistError(f"--config {path}: a directory, not a YAML file") from None
+    except yaml.MarkedYAMLError as e:  # its mark is where the parser gave up
+        line = f":{e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise SwiftdistError(f"{path}{line}: not valid YAML ({e.problem or e.context})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SwiftdistError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, DictConfig):
+        raise SwiftdistError(f"{path}: expected a mapping of config keys (`key: value` lines), got a list")
     out = []
-    for key, value in items:
-        dotted = key if key in DOTTED else FLAGS.get(key.replace("_", "-"))
-        if dotted is None:
+    for key, value in OmegaConf.to_container(raw).items():
+        key = str(key)
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, v in value.items():
+                dotted = f"{key}.{sub}"
+                if dotted not in LEAF_TYPES:
+                    raise _unknown(dotted, path)
+                out.append((dotted, v))
+        elif _nargs(key) is not None:
+            out += _pairs(key, value, f"{key}: {value}", path)
+        elif key in SECTIONS:
+            raise SwiftdistError(f"{path}: '{key}' is a section; put its keys under it, indented")
+        else:
             raise _unknown(key, path)
-        out.append((dotted, value))
     return out
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, object]]]:
     """Returns (config files, [(dotted key, raw value)]) in command-line order."""
-    bool_keys = {k for k, v in _leaf_types().items() if v is bool}
-    list_keys = {k for k, v in _leaf_types().items() if v is list}
+
+    def is_value(token: str) -> bool:  # not the next option, nor a section.key=value entry
+        return not token.startswith("--") and token.partition("=")[0] not in LEAF_TYPES
+
     configs, pairs, i = [], [], 0
     while i < len(argv):
         tok = argv[i]
@@ -218,52 +291,40 @@ def _split_argv(argv: list[str]) -> tuple[list[str], list[tuple[str, object]]]:
                     raise SwiftdistError("--config needs a YAML file path")
                 configs.append(value)
                 continue
-            dotted = FLAGS.get(name) or FLAGS.get(name.replace("_", "-"))
-            if dotted is None:
-                raise _unknown(tok.split("=")[0], "command line")
-            if eq:
-                values = [inline]
-            else:
-                values = []
-                while i < len(argv) and not argv[i].startswith("--") and "=" not in argv[i]:
-                    values.append(argv[i])
-                    i += 1
-            if dotted in bool_keys and not values:
+            nargs = _nargs(name)
+            if nargs is None:
+                raise _unknown(f"--{name}", "command line")
+            values = [inline] if eq else []
+            while not eq and i < len(argv) and is_value(argv[i]):
+                values.append(argv[i])
+                i += 1
+            if nargs == "flag" and not values:
                 values = ["true"]
             if not values:
-                raise SwiftdistError(f"{tok} needs a value")
-            if dotted in list_keys:
-                pairs.append((dotted, values))
-            elif len(values) > 1:
-                raise SwiftdistError(f"{tok} takes one value, got {len(values)}: {' '.join(values)}")
-            else:
-                pairs.append((dotted, values[0]))
+                raise SwiftdistError(f"--{name} needs a value")
+            if nargs != "list" and len(values) > 1:
+                raise SwiftdistError(f"--{name} takes one value, got {len(values)}: {' '.join(values)}")
+            value = values if nargs == "list" else values[0]
+            pairs += _pairs(name, value, f"--{name} {' '.join(values)}", "command line")
         elif "=" in tok:
             key, _, value = tok.partition("=")
-            if key not in DOTTED:
+            if key not in LEAF_TYPES:
                 raise _unknown(key, "command line")
-            pairs.append((key, [value] if key in list_keys else value))
+            pairs.append((key, value))
         else:
             raise SwiftdistError(f"unexpected argument '{tok}': use --key value or section.key=value")
     return configs, pairs
 
 
-def _leaf_types() -> dict[str, type]:
-    types = {}
-    defaults = RunConfig()
-    for section in fields(RunConfig):
-        for leaf in fields(getattr(defaults, section.name)):
-            value = getattr(getattr(defaults, section.name), leaf.name)
-            types[f"{section.name}.{leaf.name}"] = type(value) if value is not None else str
-    return types
-
-
 def _set(cfg, dotted: str, value, where: str) -> None:
+    kind = LEAF_TYPES[dotted]
+    if kind is list and not isinstance(value, (list, tuple)):
+        value = [value]  # `dataset: a.jsonl` in YAML, or a dotlist entry
     try:
         OmegaConf.update(cfg, dotted, value, merge=False)
-    except OmegaConfBaseException as e:
-        msg = str(e).splitlines()[0]
-        raise SwiftdistError(f"{where}: {dotted}={value!r}: {msg}") from None
+    except OmegaConfBaseException:
+        wanted = "a value (not null)" if value is None else KINDS[kind]
+        raise SwiftdistError(f"{where}: {dotted} must be {wanted}, got {value!r}") from None
 
 
 def parse_config(argv: list[str]) -> RunConfig:
@@ -271,7 +332,7 @@ def parse_config(argv: list[str]) -> RunConfig:
     configs, pairs = _split_argv(argv)
     cfg = OmegaConf.structured(RunConfig)
     for path in configs:
-        for dotted, value in _flatten_yaml(path):
+        for dotted, value in _read_yaml(path):
             _set(cfg, dotted, value, path)
     for dotted, value in pairs:
         _set(cfg, dotted, value, "command line")
@@ -284,29 +345,61 @@ def explicitly_set(argv: list[str]) -> set[str]:
     """Dotted keys that the arguments or their presets set, whatever the value: tells an explicit
     `--save-steps 0` from the default."""
     configs, pairs = _split_argv(argv)
-    return {dotted for path in configs for dotted, _ in _flatten_yaml(path)} | {dotted for dotted, _ in pairs}
+    return {dotted for path in configs for dotted, _ in _read_yaml(path)} | {dotted for dotted, _ in pairs}
+
+
+def explicitly_set(argv: list[str]) -> set[str]:
+    """Dotted keys that the arguments or their presets set, whatever the value: tells an explicit
+    `--save-steps 0` from the default."""
+    configs, pairs = _split_argv(argv)
+    return {dotted for path in configs for dotted, _ in _read_yaml(path)} | {dotted for dotted, _ in pairs}
+
+
+# (dotted path, test, what it must be) for numbers with a range; the choices are in CHOICES.
+RANGES = [
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.grad_accum", lambda v: v >= 1, ">= 1"),
+    ("train.epochs", lambda v: v >= 1, ">= 1"),
+    ("data.max_length", lambda v: v >= 1, ">= 1"),
+    ("parallel.tp", lambda v: v >= 1, ">= 1"),
+    ("parallel.pp", lambda v: v >= 1, ">= 1"),
+    ("model.lora_rank", lambda v: v >= 1, ">= 1"),
+    ("log.log_steps", lambda v: v >= 1, ">= 1"),
+    ("train.lr", lambda v: v > 0, "> 0"),
+    ("data.val_split", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train.max_grad_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("train.eval_steps", lambda v: v >= 0, ">= 0"),
+    ("checkpoint.save_steps", lambda v: v >= 0, ">= 0"),
+    ("checkpoint.save_minutes", lambda v: v >= 0, ">= 0"),
+    ("checkpoint.save_total_limit", lambda v: v >= 0, ">= 0"),
+    ("parallel.gpu_memory", lambda v: v >= 0, ">= 0"),
+]
+
+
+def _get(cfg: RunConfig, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
 
 
 def validate(cfg: RunConfig) -> None:
     """Collect every problem, then raise once (litgpt's validate_args)."""
     problems = []
     for dotted, allowed in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
+        value = _get(cfg, dotted)
         if value not in allowed:
             problems.append(f"{dotted}={value!r} must be one of {', '.join(allowed)}")
-    positive = ["train.batch_size", "train.grad_accum", "train.epochs", "data.max_length", "parallel.tp", "parallel.pp"]
-    for dotted in positive:
-        section, key = dotted.split(".")
-        if getattr(getattr(cfg, section), key) < 1:
-            problems.append(f"{dotted} must be >= 1")
-    if not 0.0 <= cfg.data.val_split < 1.0:
-        problems.append("data.val_split must be in [0, 1)")
-    if cfg.train.lr <= 0:
-        problems.append("train.lr must be > 0")
+    for dotted, ok, wanted in RANGES:
+        if not ok(_get(cfg, dotted)):
+            problems.append(f"{dotted}={_get(cfg, dotted)!r} must be {wanted}")
     for sink in cfg.log.report_to:
-        if sink not in ("jsonl", "wandb"):
-            problems.append(f"log.report_to: unknown sink {sink!r} (jsonl, wandb)")
+        if sink not in SINKS:
+            problems.append(f"log.report_to: unknown sink {sink!r} ({', '.join(SINKS)})")
     if not cfg.data.dataset:
         problems.append("data.dataset: give at least one dataset")
     if problems:
@@ -318,11 +411,54 @@ def save_config(cfg: RunConfig, path: str) -> None:
     OmegaConf.save(OmegaConf.structured(cfg), path)
 
 
+# ---- --help ------------------------------------------------------------------------------------
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> the docstring under it, read from the class's source. Empty when the source is
+    not shipped (a .pyc-only install): --help then shows defaults and choices alone."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _metavar(dotted: str) -> str:
+    if dotted in CHOICES:
+        return "{" + ",".join(CHOICES[dotted]) + "}"
+    return {int: "INT", float: "FLOAT", bool: "[true|false]", str: "TEXT", list: "TEXT ..."}[LEAF_TYPES[dotted]]
+
+
 def help_text() -> str:
-    lines = ["swiftdist sft [--config FILE.yaml] [--flag value ...] [section.key=value ...]", ""]
+    lines = ["usage: swiftdist sft [--config FILE.yaml] [--flag value ...] [section.key=value ...]", "",
+             "Flags accept - or _ (--lora-rank, --lora_rank); YAML presets take the same names, flat or",
+             "nested by section. HF Trainer / ms-swift / TRL names are accepted too (the README lists them).", ""]
+    also: dict[str, list[str]] = {}
+    for name, alias in aliases.ALIASES.items():
+        if alias.ours and name.replace("_", "-") not in FLAGS:
+            also.setdefault(alias.ours.split()[0].rstrip(","), []).append(f"--{name}")
     for section in fields(RunConfig):
         lines.append(f"{section.name}:")
-        for leaf in fields(section.default_factory()):
-            default = getattr(section.default_factory(), leaf.name)
-            lines.append(f"  --{leaf.name.replace('_', '-'):<24} (default: {default})")
+        defaults = section.default_factory()
+        docs = field_docs(type(defaults))
+        for leaf in fields(defaults):
+            dotted = f"{section.name}.{leaf.name}"
+            flag = f"--{leaf.name.replace('_', '-')}"
+            lines.append(f"  {flag} {_metavar(dotted)}")
+            default = getattr(defaults, leaf.name)
+            facts = [f"default: {'none' if default is None else default}"]
+            if dotted in CHOICES:
+                facts.append(f"choices: {', '.join(CHOICES[dotted])}")
+            if flag in also:
+                facts.append(f"also: {', '.join(also[flag])}")
+            text = " ".join(filter(None, [docs.get(leaf.name, ""), f"({'; '.join(facts)})"]))
+            lines += textwrap.wrap(text, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                   break_on_hyphens=False)  # keep `tiny-qwen2` and flags whole
     return "\n".join(lines)
