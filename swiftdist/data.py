@@ -9,9 +9,11 @@ Every user mistake in a file is reported as `file:line: what is wrong`.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import random
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,37 +50,74 @@ class Sample:
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs. JSONL is parsed line by line so that errors can name the line."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise SwiftdistError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise SwiftdistError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise SwiftdistError(f"{path}:1: expected a JSON list of rows")
-        return [(i + 1, row) for i, row in enumerate(data)]  # row number: JSON arrays have no per-row line
-    if suffix in (".csv", ".parquet"):
-        import datasets
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise SwiftdistError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
+    try:
+        return readers[suffix](path)
+    except UnicodeDecodeError:
+        raise SwiftdistError(f"{path}: not UTF-8 text; save it as UTF-8") from None
 
-        ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-        first_line = 2 if suffix == ".csv" else 1  # CSV line 1 is the header
-        return [(i + first_line, row) for i, row in enumerate(ds)]
-    raise SwiftdistError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 can be named
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark is not JSON
+            except UnicodeDecodeError:
+                raise SwiftdistError(f"{path}:{lineno}: not UTF-8 text; save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise SwiftdistError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[int, dict]]:
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SwiftdistError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise SwiftdistError(f"{path}: expected a JSON list of rows, got {_kind(data)}")
+    return [(i + 1, row) for i, row in enumerate(data)]  # row number: JSON arrays have no per-row line
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    """Every cell stays text (a column of numbers is still a column of answers); a cell missing from a
+    short row is None. The line is where the row ends (a quoted cell may span lines)."""
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: drops a byte-order mark before the header
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                if None in row:  # DictReader files cells beyond the header under the key None
+                    raise SwiftdistError(f"{path}:{reader.line_num}: {len(row[None])} more cell(s) than the header's "
+                                         f"{len(reader.fieldnames)} columns (quote cells that contain commas)")
+                rows.append((reader.line_num, row))
+        except csv.Error as e:
+            raise SwiftdistError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except pyarrow.ArrowException as e:
+        raise SwiftdistError(f"{path}: not a readable Parquet file ({e})") from None
+    return [(i + 1, row) for i, row in enumerate(table.to_pylist())]  # row number, from 1
 
 
 def detect_format(row: dict, where: str) -> str:
-    if not isinstance(row, dict):
-        raise SwiftdistError(f"{where}: expected an object, got {type(row).__name__}")
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -91,10 +130,17 @@ def detect_format(row: dict, where: str) -> str:
     )
 
 
+def _kind(value) -> str:
+    """What a user's value is, briefly: `42 (int)`."""
+    return "no value" if value is None else f"{reprlib.repr(value)} ({type(value).__name__})"
+
+
 def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
     if fmt == "alpaca":
-        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
-            raise SwiftdistError(f"{where}: alpaca rows need string 'instruction' and 'output'")
+        for key in ("instruction", "output", "input", "system"):
+            optional = key in ("input", "system")
+            if not isinstance(row.get(key), str) and not (optional and row.get(key) is None):
+                raise SwiftdistError(f"{where}: alpaca '{key}' must be a string, got {_kind(row.get(key))}")
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
         if row.get("system"):
@@ -103,16 +149,19 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
     key, role_key, text_key = ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
     turns = row.get(key)
     if not isinstance(turns, list) or not turns:
-        raise SwiftdistError(f"{where}: '{key}' must be a non-empty list of turns")
+        got = "an empty list" if turns == [] else _kind(turns)
+        raise SwiftdistError(f"{where}: '{key}' must be a non-empty list of turns, got {got}")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             raise SwiftdistError(f"{where}: {key}[{i}] needs '{role_key}' and '{text_key}'")
-        role = turn[role_key] if fmt == "messages" else SHAREGPT_ROLES.get(turn[role_key])
+        role = turn[role_key]
+        if fmt == "sharegpt" and isinstance(role, str):
+            role = SHAREGPT_ROLES.get(role)
         if role not in ("system", "user", "assistant"):
             raise SwiftdistError(f"{where}: {key}[{i}] has unknown role {turn[role_key]!r}")
         if not isinstance(turn[text_key], str):
-            raise SwiftdistError(f"{where}: {key}[{i}].{text_key} must be a string")
+            raise SwiftdistError(f"{where}: {key}[{i}].{text_key} must be a string, got {_kind(turn[text_key])}")
         messages.append({"role": role, "content": turn[text_key]})
     if not any(m["role"] == "assistant" for m in messages):
         raise SwiftdistError(f"{where}: no assistant turn, so nothing to learn from")
@@ -121,14 +170,23 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
 
 def load_conversations(spec: str, cfg: DataConfig, seed: int) -> list[Conversation]:
     """One dataset spec (`path`, `builtin`, with optional `#N` to sample N rows) -> conversations."""
-    name, _, count = spec.partition("#")
+    name, sharp, count = spec.partition("#")
+    if sharp and (not count.isdigit() or int(count) < 1):
+        raise SwiftdistError(f"--dataset {spec}: '#N' needs a positive row count, got '{count}'")
     path = BUILTIN_DIR / BUILTINS[name] if name in BUILTINS else Path(name).expanduser()
     if not path.exists():
         raise SwiftdistError(f"--dataset {name}: no such file (built-ins: {', '.join(BUILTINS)})")
+    if path.is_dir():
+        raise SwiftdistError(f"--dataset {name}: a directory; give the data file(s) in it")
     fmt = cfg.format
     conversations = []
-    for lineno, row in _read_rows(path):
+    rows = _read_rows(path)
+    if not rows:
+        raise SwiftdistError(f"--dataset {name}: {path} has no rows")
+    for lineno, row in rows:
         where = f"{path}:{lineno}"
+        if not isinstance(row, dict):
+            raise SwiftdistError(f"{where}: expected an object (a row of keys), got {_kind(row)}")
         row_fmt = detect_format(row, where) if fmt == "auto" else fmt
         messages = to_messages(row, row_fmt, where)
         if name == "self-cognition":
@@ -138,8 +196,6 @@ def load_conversations(spec: str, cfg: DataConfig, seed: int) -> list[Conversati
             messages.insert(0, {"role": "system", "content": cfg.system})
         conversations.append(Conversation(messages, where))
     if count:
-        if not count.isdigit() or int(count) < 1:
-            raise SwiftdistError(f"--dataset {spec}: '#N' needs a positive row count")
         n = int(count)
         # Sampling with replacement only when asked for more rows than exist (upsampling a small set).
         rng = random.Random(seed)
@@ -176,22 +232,30 @@ def tokenize(tokenizer, conv: Conversation) -> tuple[list[int], list[int]]:
 
 
 def build_samples(tokenizer, conversations: list[Conversation], cfg: DataConfig) -> list[Sample]:
-    samples, dropped = [], 0
+    samples, too_long, cut_off = [], 0, 0
     for sample_id, conv in enumerate(conversations):
         ids, labels = tokenize(tokenizer, conv)
         if len(ids) > cfg.max_length:
             if cfg.truncation == "drop":
-                dropped += 1
+                too_long += 1
                 continue
             ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
         if all(label == IGNORE for label in labels):
-            dropped += 1  # truncation removed every assistant token
+            cut_off += 1  # truncation removed every assistant token: the prompt alone fills max_length
             continue
         samples.append(Sample(ids, labels, list(range(len(ids))), [sample_id]))
-    if dropped:
-        log.warning("dropped %d of %d samples longer than --max-length %d", dropped, len(conversations), cfg.max_length)
+    reasons = []
+    if too_long:
+        reasons.append(f"{too_long} longer than --max-length {cfg.max_length} (--truncation drop)")
+    if cut_off:
+        reasons.append(f"{cut_off} whose prompt alone fills --max-length {cfg.max_length}, leaving no answer to learn")
+    why = "; ".join(reasons)
     if not samples:
-        raise SwiftdistError(f"no usable samples: every one is longer than --max-length {cfg.max_length}")
+        files = sorted({c.where.rpartition(":")[0] for c in conversations})
+        raise SwiftdistError(f"no usable samples in {', '.join(files) or 'the dataset'}: all {len(conversations)} "
+                             f"dropped: {why}; raise --max-length")
+    if why:
+        log.warning("dropped %d of %d samples: %s", too_long + cut_off, len(conversations), why)
     return pack(samples, cfg.max_length) if cfg.packing else samples
 
 
@@ -226,6 +290,9 @@ def split_conversations(cfg: DataConfig, seed: int) -> tuple[list[Conversation],
     n_val = int(len(conversations) * cfg.val_split)
     if cfg.val_split and n_val == 0:
         n_val = 1
+    if n_val >= len(conversations):
+        raise SwiftdistError(f"--val-split {cfg.val_split} holds out all {len(conversations)} conversation(s) of "
+                             f"--dataset {' '.join(cfg.dataset)}, leaving none to train on")
     val = [conversations[i] for i in sorted(order[:n_val])]
     train = [conversations[i] for i in sorted(order[n_val:])]
     return train, val

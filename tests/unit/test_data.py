@@ -5,7 +5,7 @@ import torch
 
 from swiftdist.config import DataConfig
 from swiftdist.data import (IGNORE, Conversation, StepSampler, build_datasets, build_samples, collate,
-                            load_conversations, pack, tokenize)
+                            load_conversations, pack, split_conversations, tokenize)
 from swiftdist.errors import SwiftdistError
 from swiftdist.model import load_tokenizer
 from tests.helpers import write_jsonl
@@ -161,3 +161,106 @@ def test_sampler_resume_on_another_world_size_covers_each_sample_once(world_befo
     assert consumed == n
     assert sorted(first + rest) == list(range(n))
     assert first + rest == StepSampler(n, seed, 1, 1, 0, 1).permutation(0)
+
+
+# ---- what a bad dataset file is told -------------------------------------------------------------
+
+
+def _write(path, text: str | bytes):
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def _error(spec, cfg=None) -> str:
+    with pytest.raises(SwiftdistError) as e:
+        load_conversations(str(spec), cfg or DataConfig(), seed=0)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", ""), ("list.json", "[]"),
+    ("empty.csv", ""), ("header.csv", "instruction,input,output\n"),
+])
+def test_a_file_without_rows_is_named(tmp_path, name, text):
+    path = _write(tmp_path / name, text)
+    assert _error(path) == f"--dataset {path}: {path} has no rows"
+
+
+def test_a_parquet_file_without_rows_is_named(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    path = tmp_path / "empty.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"instruction": pyarrow.array([], pyarrow.string())}), path)
+    assert _error(path) == f"--dataset {path}: {path} has no rows"
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("d.txt", "q\ta", ": unsupported file type '.txt' (use .jsonl, .json, .csv or .parquet)"),
+    ("d.json", '{"instruction": "q", "output": "a"}',
+     ": expected a JSON list of rows, got {'instruction': 'q', 'output': 'a'} (dict)"),
+    ("d.json", '[\n{"instruction": "q",\n', ":3: not valid JSON (Expecting property name enclosed in double quotes)"),
+    ("d.jsonl", b'{"instruction": "q", "output": "a"}\n{"instruction": "\xff"}\n', ":2: not UTF-8 text"),
+    ("d.csv", b"instruction,output\nq,\xff\n", ": not UTF-8 text; save it as UTF-8"),
+    ("d.csv", "instruction,output\nq,a\nq,a,b,c\n", ":3: 2 more cell(s) than the header's 2 columns"),
+    ("d.csv", "instruction,output\nq\n", ":2: alpaca 'output' must be a string, got no value"),
+    ("d.parquet", "not parquet", ": not a readable Parquet file ("),
+    ("d.jsonl", "[1, 2]\n", ":1: expected an object (a row of keys), got [1, 2] (list)"),
+    ("d.jsonl", '{"instruction": "q", "output": 42}\n', ":1: alpaca 'output' must be a string, got 42 (int)"),
+    ("d.jsonl", '{"instruction": "q", "output": "a", "input": ["x"]}\n',
+     ":1: alpaca 'input' must be a string, got ['x'] (list)"),
+    ("d.jsonl", '{"messages": []}\n', ":1: 'messages' must be a non-empty list of turns, got an empty list"),
+    ("d.jsonl", '{"messages": "hi"}\n', ":1: 'messages' must be a non-empty list of turns, got 'hi' (str)"),
+    ("d.jsonl", '{"messages": [{"role": "user", "content": 7}]}\n',
+     ":1: messages[0].content must be a string, got 7 (int)"),
+    ("d.jsonl", '{"conversations": [{"from": ["gpt"], "value": "a"}]}\n',
+     ":1: conversations[0] has unknown role ['gpt']"),
+])
+def test_bad_file_content_names_the_file_and_line(tmp_path, name, content, expected):
+    path = _write(tmp_path / name, content)
+    assert f"{path}{expected}" in _error(path)
+
+
+def test_explicit_format_on_a_row_that_is_not_an_object(tmp_path):
+    path = _write(tmp_path / "d.jsonl", '"just text"\n')
+    expected = f"{path}:1: expected an object (a row of keys), got 'just text' (str)"
+    assert expected in _error(path, DataConfig(format="messages"))
+
+
+def test_csv_cells_stay_text_and_lines_count_quoted_newlines(tmp_path):
+    # A byte-order mark, a cell over two lines, a column of numbers, an empty answer.
+    path = _write(tmp_path / "d.csv", '\ufeffinstruction,output\n"two\nlines",42\nq,\n')
+    first, second = load_conversations(str(path), DataConfig(), seed=0)
+    assert first.messages[-1]["content"] == "42" and first.where == f"{path}:3"
+    assert second.messages[-1]["content"] == "" and second.where == f"{path}:4"
+
+
+@pytest.mark.parametrize("suffix", ["#0", "#-1", "#x", "#"])
+def test_bad_row_count_is_refused_before_reading(suffix):
+    assert _error(f"missing.jsonl{suffix}") == (f"--dataset missing.jsonl{suffix}: '#N' needs a positive row count, "
+                                                f"got '{suffix[1:]}'")
+
+
+def test_a_directory_is_not_a_dataset(tmp_path):
+    assert _error(tmp_path) == f"--dataset {tmp_path}: a directory; give the data file(s) in it"
+
+
+def test_no_usable_samples_says_which_files_and_why(tmp_path, tok):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 200, "output": "ok"}])
+    convs = load_conversations(str(path), DataConfig(), seed=0)
+    with pytest.raises(SwiftdistError) as e:
+        build_samples(tok, convs, DataConfig(max_length=64, truncation="drop"))
+    assert str(e.value) == (f"no usable samples in {path}: all 1 dropped: 1 longer than --max-length 64 "
+                            "(--truncation drop); raise --max-length")
+    with pytest.raises(SwiftdistError) as e:
+        build_samples(tok, convs, DataConfig(max_length=64, truncation="truncate"))
+    assert str(e.value) == (f"no usable samples in {path}: all 1 dropped: 1 whose prompt alone fills --max-length 64, "
+                            "leaving no answer to learn; raise --max-length")
+
+
+def test_a_validation_split_that_takes_everything_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [{"instruction": "q", "output": "a"}])
+    with pytest.raises(SwiftdistError, match=r"--val-split 0.5 holds out all 1 conversation\(s\) of --dataset "
+                                             r".*one.jsonl, leaving none to train on"):
+        split_conversations(DataConfig(dataset=[str(path)], val_split=0.5), seed=0)
