@@ -1,4 +1,4 @@
-"""`swiftdist` console script: sft, infer, eval, export, estimate, launch, slurm, env.
+"""`swiftdist` console script: sft, infer, eval, serve, export, estimate, launch, slurm, env.
 
 User mistakes (SwiftdistError) print as one line and exit 2; bugs keep their traceback.
 """
@@ -15,6 +15,7 @@ COMMANDS = {
     "sft": ("swiftdist.sft", "main", "fine-tune (same as python -m swiftdist.sft)"),
     "infer": ("swiftdist.infer", "main", "chat with a model or model + adapter"),
     "eval": ("swiftdist.evaluate", "main", "score a model (+ adapter) on held-out chats; --baseline: before vs after"),
+    "serve": ("swiftdist.serve", "main", "OpenAI-compatible chat API for a model and its adapters"),
     "export": ("swiftdist.export", "main", "checkpoint -> plain HF safetensors dir (--merge-lora merges LoRA/QLoRA)"),
     "estimate": ("swiftdist.estimate", "main", "memory per device for each strategy, from a model config alone"),
     "launch": ("swiftdist.launchers.torchrun", "main", "torchrun the training on this machine (one of several with --nnodes)"),
