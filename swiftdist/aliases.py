@@ -179,7 +179,7 @@ ALIASES: dict[str, Alias] = {
     "warmup_steps": Alias("--warmup-ratio", "HF", "a fraction in [0, 1) (transformers 5); a step count is refused",
                           _warmup_steps),
     "logging_steps": Alias("--log-steps", "HF, ms-swift", "same (whole steps)", _rename("log.log_steps")),
-    "resume_from_checkpoint": Alias("--resume", "HF, ms-swift", "same (a checkpoint path; also auto)",
+    "resume_from_checkpoint": Alias("--resume", "HF, ms-swift", "same for a swiftdist checkpoint (or auto); an HF Trainer checkpoint-N folder is not one",
                                     _rename("checkpoint.resume")),
     "deepspeed": Alias("--strategy, --deepspeed-config", "HF, ms-swift",
                        "zero2, zero3, zero2_offload, zero3_offload pick the strategy; a JSON path is used as "

@@ -4,8 +4,9 @@ Every field is settable three ways, later ones winning:
     --config configs/lora.yaml        a YAML preset (nested sections, or flat keys)
     --lora-rank 16  /  --lora-rank=16 a flag named after the field (unique across sections)
     model.lora_rank=16                an OmegaConf dotlist entry
-Unknown keys and wrong types become one-line `SwiftdistError`s naming the key and the closest
-valid name.
+HF Trainer / ms-swift / TRL names work as flags and flat YAML keys where they mean the same
+(`swiftdist/aliases.py`). Unknown keys, wrong types and out-of-range values become one-line
+`SwiftdistError`s naming the file or command line, the key, and the closest valid name.
 """
 
 from __future__ import annotations
