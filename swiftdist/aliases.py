@@ -28,7 +28,7 @@ class Alias:
     source: str  # where the name comes from
     note: str  # how values map, and which are refused
     convert: Callable[[object], Pairs]
-    nargs: str = "one"  # "one" value, or "flag": may stand alone, meaning true
+    nargs: str = "one"  # "one" value, a "list" of them, or "flag": may stand alone, meaning true
 
 
 def _rename(dotted: str) -> Callable[[object], Pairs]:
@@ -179,8 +179,8 @@ ALIASES: dict[str, Alias] = {
     "warmup_steps": Alias("--warmup-ratio", "HF", "a fraction in [0, 1) (transformers 5); a step count is refused",
                           _warmup_steps),
     "logging_steps": Alias("--log-steps", "HF, ms-swift", "same (whole steps)", _rename("log.log_steps")),
-    "resume_from_checkpoint": Alias("--resume", "HF, ms-swift", "same for a swiftdist checkpoint (or auto); an HF Trainer checkpoint-N folder is not one",
-                                    _rename("checkpoint.resume")),
+    "resume_from_checkpoint": Alias("--resume", "HF, ms-swift", "same for a swiftdist checkpoint (or auto); an "
+                                    "HF Trainer checkpoint-N folder is not one", _rename("checkpoint.resume")),
     "deepspeed": Alias("--strategy, --deepspeed-config", "HF, ms-swift",
                        "zero2, zero3, zero2_offload, zero3_offload pick the strategy; a JSON path is used as "
                        "--deepspeed-config with the strategy of its stage and offload; zero0, zero1 refused",
