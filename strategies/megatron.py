@@ -147,7 +147,9 @@ class MegatronStrategy(Strategy):
         self.layout.assign(self.layout.entries(model), tensors)
 
     def wrap(self, model) -> None:
-        self.chunks = [model]
+        # Built and filled on the host (use_cpu_initialization: each rank reads only its slices), then
+        # placed on the rank's device, as megatron's own training loop does after building.
+        self.chunks = [model.to(self.dist.device)]
         self.model = torch.nn.ModuleList(self.chunks)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.entries = [e for chunk in self.chunks for e in self.layout.entries(chunk)]
@@ -305,7 +307,8 @@ class MegatronStrategy(Strategy):
         from megatron.core import dist_checkpointing
 
         for e in self._saved_entries():  # AdamW creates its state lazily; make it to load into
-            self.optimizer.state[e.param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(e.param),
+            # The step counter lives beside the parameter: the fused CUDA AdamW wants every state tensor there.
+            self.optimizer.state[e.param] = {"step": torch.zeros((), device=e.param.device), "exp_avg": torch.zeros_like(e.param),
                                              "exp_avg_sq": torch.zeros_like(e.param)}
         state = self._sharded_state(lambda e: {"": [torch.empty_like(p.tensor) for p in e.pieces],
                                                **self._moments(e, torch.empty_like)})
