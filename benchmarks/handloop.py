@@ -42,7 +42,7 @@ def main(spec_path: str, run_dir: str) -> None:
     for step in range(spec.steps):
         t0 = time.perf_counter()
         # One epoch holds every step (the suite sizes the dataset so), so no short last step.
-        (indices,) = sampler.step_indices(0, step * spec.global_batch)
+        ((_, indices),) = sampler.step_indices(0, step * spec.global_batch, len(train))
         batch = collate([train[i] for i in indices], tokenizer.pad_token_id, spec.packing)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
             loss = net(**batch).loss

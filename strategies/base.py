@@ -61,11 +61,6 @@ class Strategy(ABC):
     def dp_size(self) -> int:
         return self.dist.world_size
 
-    @property
-    def rng_rank(self) -> int:
-        """Seeds this rank's dropout: ranks that hold the same activations (tensor-parallel peers) share it."""
-        return self.dist.rank
-
     # ---- building -----------------------------------------------------------------------------
 
     def model_init_context(self):
@@ -111,8 +106,11 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def forward_backward(self, micro_batches: list[dict], num_items: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, micro_batches: list[dict], num_items: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Forward and backward over one step's micro-batches; returns the global token-mean loss.
+
+        Each micro-batch's dropout is seeded from `seeds` (derived from its samples' position, so a
+        resumed run draws the same masks on any number of ranks).
 
         `num_items` is the step's label-token count over all ranks divided by the data-parallel
         size: every backend averages gradients over replicas, so dividing each rank's token-sum
@@ -120,7 +118,8 @@ class Strategy(ABC):
         ranks and micro-batches.
         """
         total = torch.zeros((), device=self.dist.device)
-        for i, batch in enumerate(micro_batches):
+        for i, (batch, seed) in enumerate(zip(micro_batches, seeds)):
+            torch.manual_seed(seed)
             with self.no_sync(i == len(micro_batches) - 1), self.autocast():
                 loss = token_loss_sum(self.model, self.head, batch) / num_items
             self.backward(loss)

@@ -80,12 +80,6 @@ class MegatronStrategy(Strategy):
     def dp_size(self) -> int:
         return self.mpu.get_data_parallel_world_size()
 
-    @property
-    def rng_rank(self) -> int:
-        # Tensor-parallel peers hold the same activations outside their shards, so they must draw
-        # the same dropout masks there; mcore's RNG tracker gives sharded regions per-rank streams.
-        return self.dist.rank // self.tp
-
     # ---- building -----------------------------------------------------------------------------
 
     def build_model(self, path: Path) -> torch.nn.Module:
@@ -207,11 +201,14 @@ class MegatronStrategy(Strategy):
         dist.all_reduce(total, group=self.mpu.get_pipeline_model_parallel_group())
         return total
 
-    def forward_backward(self, micro_batches: list[dict], num_items: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, micro_batches: list[dict], num_items: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         from megatron.core import tensor_parallel
 
-        # Reseeds the tracked per-TP-rank RNG streams from the position-derived seed the trainer set.
-        tensor_parallel.model_parallel_cuda_manual_seed(torch.initial_seed() % 2**31)
+        # The pipeline schedule interleaves micro-batches, so the step is seeded once, from its first
+        # micro-batch's position: tensor- and pipeline-parallel peers share the data, hence the seed,
+        # so they draw the same masks outside their shards; mcore's tracker gives shards per-rank streams.
+        torch.manual_seed(seeds[0])
+        tensor_parallel.model_parallel_cuda_manual_seed(seeds[0] % 2**31)
         total = self._run_schedule(micro_batches, num_items, forward_only=False)
         self._finalize_grads()
         return self.all_reduce_dp(total) / self.dp_size

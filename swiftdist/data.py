@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import reprlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 class Conversation:
     messages: list[dict]
     where: str  # "file:line", for error messages
+    spec: str = ""  # the --dataset value it came from
 
 
 @dataclass
@@ -168,12 +170,18 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
     return messages
 
 
+def dataset_path(spec: str) -> Path:
+    """The file a dataset spec (`path`, `builtin`, `path#N`) reads."""
+    name = spec.partition("#")[0]
+    return BUILTIN_DIR / BUILTINS[name] if name in BUILTINS else Path(name).expanduser()
+
+
 def load_conversations(spec: str, cfg: DataConfig, seed: int) -> list[Conversation]:
     """One dataset spec (`path`, `builtin`, with optional `#N` to sample N rows) -> conversations."""
     name, sharp, count = spec.partition("#")
     if sharp and (not count.isdigit() or int(count) < 1):
         raise SwiftdistError(f"--dataset {spec}: '#N' needs a positive row count, got '{count}'")
-    path = BUILTIN_DIR / BUILTINS[name] if name in BUILTINS else Path(name).expanduser()
+    path = dataset_path(spec)
     if not path.exists():
         raise SwiftdistError(f"--dataset {name}: no such file (built-ins: {', '.join(BUILTINS)})")
     if path.is_dir():
@@ -194,7 +202,7 @@ def load_conversations(spec: str, cfg: DataConfig, seed: int) -> list[Conversati
                 m["content"] = m["content"].replace("{name}", cfg.model_name).replace("{author}", cfg.model_author)
         if cfg.system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": cfg.system})
-        conversations.append(Conversation(messages, where))
+        conversations.append(Conversation(messages, where, spec))
     if count:
         n = int(count)
         # Sampling with replacement only when asked for more rows than exist (upsampling a small set).
@@ -279,6 +287,7 @@ def pack(samples: list[Sample], max_length: int) -> list[Sample]:
 class SplitData:
     train: list[Sample]
     val: list[Sample]
+    sources: list[tuple[str, Path, int]]  # (spec, file, rows taken) per --dataset: recognises the data on resume
 
 
 def split_conversations(cfg: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation]]:
@@ -300,7 +309,9 @@ def split_conversations(cfg: DataConfig, seed: int) -> tuple[list[Conversation],
 
 def build_datasets(tokenizer, cfg: DataConfig, seed: int) -> SplitData:
     train, val = split_conversations(cfg, seed)
-    return SplitData(build_samples(tokenizer, train, cfg), build_samples(tokenizer, val, cfg) if val else [])
+    rows = Counter(c.spec for c in train + val)
+    return SplitData(build_samples(tokenizer, train, cfg), build_samples(tokenizer, val, cfg) if val else [],
+                     [(spec, dataset_path(spec), rows[spec]) for spec in cfg.dataset])
 
 
 # ---- batching ----------------------------------------------------------------------------------
@@ -357,7 +368,8 @@ def flatten(samples: list[Sample]) -> dict[str, torch.Tensor | int]:
 
 
 class StepSampler:
-    """Which samples each rank trains on at each optimizer step — a pure function of the position.
+    """Which samples each rank trains on at each optimizer step — a pure function of the position —
+    and how many steps a run of a given length takes.
 
     An epoch is a seeded permutation of all samples; a step takes the next `global_batch` of them
     and gives rank r a contiguous share. The position is the number of samples already consumed
@@ -376,12 +388,36 @@ class StepSampler:
         g = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
-    def steps_left_in_epoch(self, consumed: int) -> int:
-        return -(-(self.n - consumed) // self.global_batch)
+    def step_size(self, consumed: int, left: int) -> int:
+        """Samples the next step takes: a global batch, cut short by the epoch's end or the run's."""
+        return min(self.global_batch, self.n - consumed, left)
 
-    def step_indices(self, epoch: int, consumed: int) -> list[list[int]]:
-        """This rank's micro-batches (lists of sample indices, possibly empty) for the next step."""
-        chosen = self.permutation(epoch)[consumed : consumed + self.global_batch]
+    def step_indices(self, epoch: int, consumed: int, left: int) -> list[tuple[int, list[int]]]:
+        """This rank's micro-batches for the next step: (position of its first sample in the step, sample
+        indices, possibly none). The position seeds dropout, so a sample draws the same masks whichever
+        rank holds it, as long as the micro-batch size stays the same."""
+        chosen = self.permutation(epoch)[consumed : consumed + self.step_size(consumed, left)]
         per_rank = -(-len(chosen) // self.world_size)
-        mine = chosen[self.rank * per_rank : (self.rank + 1) * per_rank]
-        return [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.grad_accum)]
+        start = self.rank * per_rank
+        mine = chosen[start : start + per_rank]
+        return [(start + i * self.batch_size, mine[i * self.batch_size : (i + 1) * self.batch_size])
+                for i in range(self.grad_accum)]
+
+    def run_length(self, max_steps: int, epochs: int) -> int:
+        """Samples a run trains on: `max_steps` steps from the start (exactly that many, the short last
+        step of an epoch included), else `epochs` epochs."""
+        if max_steps <= 0:
+            return epochs * self.n
+        total, consumed = 0, 0
+        for _ in range(max_steps):
+            take = self.step_size(consumed, self.n)
+            total, consumed = total + take, (consumed + take) % self.n
+        return total
+
+    def steps_left(self, consumed: int, done: int, total: int) -> int:
+        """Steps from `consumed` samples into an epoch (`done` in the run) until the run's `total`."""
+        steps = 0
+        while done < total:
+            take = self.step_size(consumed, total - done)
+            steps, done, consumed = steps + 1, done + take, (consumed + take) % self.n
+        return steps

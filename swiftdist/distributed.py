@@ -76,10 +76,20 @@ def setup_logging(rank: int) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def all_reduce_sum(value: float | int, device: torch.device) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
+def any_rank(*flags: bool) -> list[bool]:
+    """For each flag, whether it is set on any rank (one collective for all of them)."""
+    if not dist.is_initialized():
+        return list(flags)
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """Collective: True only if `ok` holds on every rank, so all ranks take the same branch after it."""
+    return not any_rank(not ok)[0]
 
 
 def barrier() -> None:

@@ -24,7 +24,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class Metrics:
     def __init__(self, output_dir: str, report_to: list[str], total_steps: int, initial_step: int,
-                 wandb_project: str, wandb_mode: str, run_config: dict, enabled: bool):
+                 wandb_project: str, wandb_mode: str, run_config: dict, run_id: str, enabled: bool):
         self.enabled = enabled
         self.history: list[dict] = []
         if not enabled:
@@ -40,9 +40,10 @@ class Metrics:
         if "wandb" in report_to:
             import wandb
 
-            # Offline by default: runs never hang on a network; `wandb sync` uploads later.
+            # Offline by default: runs never hang on a network; `wandb sync` uploads later. The id is
+            # kept in the checkpoint, so a resumed run continues the same wandb run.
             self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(self.output_dir),
-                                    config=run_config)
+                                    config=run_config, id=run_id, resume="allow")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -76,8 +77,16 @@ class Metrics:
         self._plot()
 
     def _plot(self) -> None:
-        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in self.history if "eval_loss" in r]
+        """loss.png of the whole run, earlier starts included: drawn from metrics.jsonl, where a step
+        logged again after a resume (or a rollback) replaces its earlier record."""
+        path = self.output_dir / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+            if path.exists() else self.history
+        # Records past this run's last step belong to a line abandoned by a rollback.
+        last = max((r["step"] for r in self.history), default=None)
+        records = [r for r in records if last is None or r["step"] <= last]
+        train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
+        evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
         if not train:
             return
         import matplotlib

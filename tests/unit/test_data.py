@@ -150,14 +150,14 @@ def test_sampler_resume_on_another_world_size_covers_each_sample_once(world_befo
         seen = []
         for _ in range(steps):
             sampler = [StepSampler(n, seed, 2, 2, r, world) for r in range(world)]
-            step = [i for s in sampler for mb in s.step_indices(epoch, consumed) for i in mb]
+            step = [i for s in sampler for _, mb in s.step_indices(epoch, consumed, n - consumed) for i in mb]
             seen += step
             consumed += len(step)
         return seen, consumed
 
     first, consumed = run(world_before, epoch=0, consumed=0, steps=2)
     rest, consumed = run(world_after, epoch=0, consumed=consumed,
-                         steps=StepSampler(n, seed, 2, 2, 0, world_after).steps_left_in_epoch(consumed))
+                         steps=StepSampler(n, seed, 2, 2, 0, world_after).steps_left(consumed, consumed, n))
     assert consumed == n
     assert sorted(first + rest) == list(range(n))
     assert first + rest == StepSampler(n, seed, 1, 1, 0, 1).permutation(0)
