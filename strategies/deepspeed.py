@@ -40,7 +40,8 @@ _MUST_MATCH = {
 
 class ZeroStrategy(Strategy):
     name = "zero2"
-    checkpoint_format = "deepspeed"
+    # The stage is part of the format: a ZeRO-2 checkpoint's optimizer partitions are not ZeRO-3's.
+    checkpoint_format = "deepspeed-zero2"
     reads_deepspeed_config = True
     stage = 2
     offload = False
@@ -296,6 +297,7 @@ class Zero2OffloadStrategy(ZeroStrategy):
 
 class Zero3Strategy(ZeroStrategy):
     name = "zero3"
+    checkpoint_format = "deepspeed-zero3"
     stage = 3
 
 

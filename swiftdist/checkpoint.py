@@ -248,7 +248,9 @@ def check_resumable(saved: TrainerState, path: Path, train_type: str, strategy: 
     if saved.train_type != train_type:
         raise SwiftdistError(f"--resume {path}: saved with --train-type {saved.train_type}, "
                              f"now {train_type}; they must match")
-    if saved.checkpoint_format and saved.checkpoint_format != checkpoint_format:
+    # "deepspeed" (before the stage was recorded) could be either stage: DeepSpeed's loader decides.
+    legacy = saved.checkpoint_format == "deepspeed" and checkpoint_format.startswith("deepspeed-")
+    if saved.checkpoint_format and saved.checkpoint_format != checkpoint_format and not legacy:
         raise SwiftdistError(
             f"--resume {path}: written by --strategy {saved.strategy} in {saved.checkpoint_format} format, which "
             f"--strategy {strategy} ({checkpoint_format} format) cannot read; resume with a strategy that reads "

@@ -61,8 +61,13 @@ def test_resume_auto_starts_fresh_and_a_bad_path_is_one_line(tmp_path):
 def test_refusals_name_what_differs(tmp_path):
     saved = TrainerState(strategy="ddp", checkpoint_format="dcp", train_type="lora")
     checkpoint.check_resumable(saved, tmp_path, "lora", "fsdp", "dcp")  # fsdp reads ddp's DCP shards
-    with pytest.raises(SwiftdistError, match="--strategy ddp in dcp format.*--strategy zero3 .deepspeed format"):
-        checkpoint.check_resumable(saved, tmp_path, "lora", "zero3", "deepspeed")
+    with pytest.raises(SwiftdistError, match="--strategy ddp in dcp format.*--strategy zero3 .deepspeed-zero3 format"):
+        checkpoint.check_resumable(saved, tmp_path, "lora", "zero3", "deepspeed-zero3")
+    zero2 = TrainerState(strategy="zero2-offload", checkpoint_format="deepspeed-zero2", train_type="lora")
+    checkpoint.check_resumable(zero2, tmp_path, "lora", "zero2", "deepspeed-zero2")  # offload or not: same files
+    with pytest.raises(SwiftdistError, match="--strategy zero2-offload in deepspeed-zero2 format, which --strategy "
+                                             "zero3 .deepspeed-zero3 format. cannot read"):
+        checkpoint.check_resumable(zero2, tmp_path, "lora", "zero3", "deepspeed-zero3")
     with pytest.raises(SwiftdistError, match="--train-type lora, now full"):
         checkpoint.check_resumable(saved, tmp_path, "full", "ddp", "dcp")
 
