@@ -170,7 +170,7 @@ class Trainer:
             batch = self._host_batch([train[i] for i in idx])
             n_labels += label_count(batch["labels"]).item()
             n_tokens += sum(len(train[i].input_ids) for i in idx)
-            micro_batches.append({k: v.to(self.dist.device) for k, v in batch.items()})
+            micro_batches.append(self._on_device(batch))
             # Dropout randomness derives from the sample's position in the run, so a resumed run (on
             # any number of ranks, same micro-batch size) draws what the uninterrupted one would have.
             seeds.append((self.cfg.train.seed * 1_000_003 + s.step * 100_003 + position) % 2**63)
@@ -183,7 +183,12 @@ class Trainer:
         """Collated on the host. A rank with no samples (a short last step, a short eval split)
         still joins the collectives, with one padding token whose label is ignored."""
         pad = self.tokenizer.pad_token_id
-        return collate(samples or [Sample([pad], [IGNORE], [0], [])], pad, self.cfg.data.packing)
+        # flash-attention takes a micro-batch as one row with explicit sample boundaries: no padding at all.
+        return collate(samples or [Sample([pad], [IGNORE], [0], [])], pad, self.cfg.data.packing,
+                       padding_free=self.cfg.model.attn_impl == "flash_attention_2")
+
+    def _on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _advance(self, n_samples: int) -> None:
         s = self.state
@@ -218,7 +223,7 @@ class Trainer:
         tokens = torch.zeros((), device=self.dist.device)
         self.strategy.model.eval()
         for i in range(n_batches):
-            batch = {k: v.to(self.dist.device) for k, v in self._host_batch(mine[i * bs:(i + 1) * bs]).items()}
+            batch = self._on_device(self._host_batch(mine[i * bs:(i + 1) * bs]))
             loss_sum += self.strategy.forward_loss_sum(batch)
             tokens += label_count(batch["labels"])
         self.strategy.model.train()
