@@ -65,6 +65,13 @@ class TrainerState:
     wandb_run_id: str = ""  # a resumed run logs into the same wandb run
     versions: dict = dataclasses.field(default_factory=dict)
 
+    def advance(self, n_samples: int, epoch_size: int) -> None:
+        """One optimizer step that trained on `n_samples` more samples."""
+        self.step, self.consumed_total, self.consumed_in_epoch = \
+            self.step + 1, self.consumed_total + n_samples, self.consumed_in_epoch + n_samples
+        if self.consumed_in_epoch >= epoch_size:
+            self.epoch, self.consumed_in_epoch = self.epoch + 1, 0
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 

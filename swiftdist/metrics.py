@@ -60,6 +60,11 @@ class Metrics:
         else:
             self.bar.write(text)
 
+    def log_held_bytes(self, step: int, held: dict[str, dict[str, int]]) -> None:
+        """What rank 0 holds of parameters and optimizer state, per device type (shows sharding and offload)."""
+        self.log({"step": step, **{f"{kind}_mib_{device}": n / 2**20
+                                   for kind, devices in held.items() for device, n in devices.items()}})
+
     def advance(self, steps: int = 1, **postfix) -> None:
         if self.enabled:
             self.bar.update(steps)

@@ -1,21 +1,14 @@
-"""The supervised fine-tuning loop. Strategy-specific work goes through `self.strategy` verbs only;
-checkpoints through `self.checkpointer`, data order through `self.sampler`.
-
-Features: gradient accumulation, global token-mean loss, grad clipping, AdamW with warmup +
-cosine/linear decay, periodic eval, checkpoints every N steps and/or minutes with exact resume (same
-or different world size), preemption (SIGTERM/SIGUSR1 -> save -> exit 143), metrics to
-terminal/jsonl/wandb.
+"""The supervised fine-tuning loop. Strategy-specific work goes through `self.strategy` verbs only,
+checkpoints through `self.checkpointer`, data order and run length through `self.sampler`.
 
 Raises SwiftdistError for impossible strategy x train-type x precision combinations (before any
-model is loaded), bad data, bad model paths, a changed dataset on resume, a failed save, and a
-non-finite loss or gradient.
+model is loaded), bad data or model paths, changed data on resume, a failed save, a non-finite loss.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -32,24 +25,11 @@ from swiftdist.loss import label_count
 from swiftdist.metrics import Metrics, peak_memory_gib
 from swiftdist.model import (count_params, load_tokenizer, resolve_attn_impl, resolve_model_path, resolve_precision,
                              weight_dtype)
+from swiftdist.schedule import lr_at
 from swiftdist.strategies import get_strategy_class
 
 log = logging.getLogger("swiftdist")
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped by a signal", after a checkpoint was saved
-
-
-def lr_at(progress: float, cfg) -> float:
-    """Learning rate at `progress` = fraction of the run's samples consumed (world-size independent)."""
-    warmup = cfg.warmup_ratio
-    if progress < warmup:
-        return cfg.lr * (progress / warmup)
-    decay = min(1.0, (progress - warmup) / max(1e-12, 1.0 - warmup))
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.scheduler == "cosine":
-        return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * decay))
-    if cfg.scheduler == "linear":
-        return floor + (cfg.lr - floor) * (1.0 - decay)
-    return cfg.lr
 
 
 class Trainer:
@@ -135,12 +115,12 @@ class Trainer:
             # The schedule is read at the middle of the step: the first step does not waste a zero lr.
             lr = lr_at((state.consumed_total + n_samples / 2) / state.total_samples, cfg.train)
             self.strategy.step(lr)
-            self._advance(n_samples)
+            state.advance(n_samples, len(self.data.train))
             self._log_step(loss, grad_norm, lr, tokens.item(), time.perf_counter() - t0)
             if state.step == first_step + 1:  # the optimizer state exists from the first step on
-                self._log_state()
+                self.metrics.log_held_bytes(state.step, self.strategy.state_bytes())
             if self._eval_due():
-                self._log_eval()
+                self.metrics.log({"step": state.step, "eval_loss": self.evaluate()})
             # Every rank must take the same branch: rank 0's clock and any rank's signal decide for all.
             stop, due = any_rank(preemption.requested() is not None,
                                  self.dist.is_main and self.checkpointer.due_by_time())
@@ -152,7 +132,7 @@ class Trainer:
                 preemption.clear()
                 return PREEMPTED_EXIT_CODE
         if self.data.val and not self._eval_due():  # the end always gets an eval, but only one
-            self._log_eval()
+            self.metrics.log({"step": state.step, "eval_loss": self.evaluate()})
         if self.checkpointer.saved_step != state.step:
             self.checkpointer.save(state)
         self.checkpointer.export_final()
@@ -190,13 +170,6 @@ class Trainer:
     def _on_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _advance(self, n_samples: int) -> None:
-        s = self.state
-        s.step, s.consumed_total, s.consumed_in_epoch = s.step + 1, s.consumed_total + n_samples, \
-            s.consumed_in_epoch + n_samples
-        if s.consumed_in_epoch >= len(self.data.train):
-            s.epoch, s.consumed_in_epoch = s.epoch + 1, 0
-
     # ---- logging and eval ---------------------------------------------------------------------
 
     def _log_step(self, loss, grad_norm, lr, tokens: float, seconds) -> None:
@@ -207,12 +180,6 @@ class Trainer:
                 "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
                 "tokens_per_s": tokens / seconds, "step_s": seconds, "peak_mem_gib": peak_memory_gib(self.dist.device),
             })
-
-    def _log_state(self) -> None:
-        """What rank 0 holds of parameters and optimizer state, per device type (shows sharding and offload)."""
-        held = self.strategy.state_bytes()
-        self.metrics.log({"step": self.state.step, **{f"{kind}_mib_{device}": n / 2**20
-                                                      for kind, devices in held.items() for device, n in devices.items()}})
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -232,9 +199,6 @@ class Trainer:
     def _eval_due(self) -> bool:
         every = self.cfg.train.eval_steps
         return bool(self.data.val) and every > 0 and self.state.step % every == 0
-
-    def _log_eval(self) -> None:
-        self.metrics.log({"step": self.state.step, "eval_loss": self.evaluate()})
 
     def _record_samples(self, sample_ids: list[list[int]]) -> None:
         path = self.output_dir / f"samples-rank{self.dist.rank}.jsonl"

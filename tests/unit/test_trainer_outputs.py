@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from swiftdist.config import TrainConfig
-from swiftdist.trainer import lr_at
+from swiftdist.schedule import lr_at
 from tests.helpers import train_in_process
 
 
