@@ -102,8 +102,9 @@ def _endpoint(addr, port) -> str:
 
 
 def sft_command(python: str, spec: TorchrunSpec, train_args: list[str]) -> list[str]:
-    """The whole torchrun command that fine-tunes with `train_args`."""
-    return [python, "-m", "torch.distributed.run", *torchrun_args(spec), "-m", "swiftdist.sft", *train_args]
+    """The whole torchrun command that fine-tunes with `train_args` (torchrun through swiftdist.preemption,
+    which keeps a stop that comes before torchrun handles signals itself)."""
+    return [python, "-m", "swiftdist.preemption", *torchrun_args(spec), "-m", "swiftdist.sft", *train_args]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -145,7 +145,7 @@ def test_multi_node_two_by_four_gpus(tmp_path, fake_cluster):
     argv = per_node[0]["argv"]
     torchrun = argv[:argv.index("swiftdist.sft") + 1]
     port = 20000 + 4242 % 20000
-    assert torchrun == ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "4",
+    assert torchrun == ["-m", "swiftdist.preemption", "--nnodes", "2", "--nproc-per-node", "4",
                         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"10.1.0.7:{port}", "--rdzv-id", "4242",
                         "--rdzv-conf", "last_call_timeout=1", "--max-restarts", "0",
                         "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "120",
@@ -166,7 +166,7 @@ def test_single_node_runs_one_standalone_torchrun(tmp_path, fake_cluster):
     assert "--cpus-per-task=2" in directives(script) and not any("gpus" in d or "gres" in d for d in directives(script))
     run_script(script, tmp_path, env)
     (call,) = calls(log)
-    assert call["argv"][:7] == ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--standalone"]
+    assert call["argv"][:7] == ["-m", "swiftdist.preemption", "--nnodes", "1", "--nproc-per-node", "2", "--standalone"]
 
 
 def test_hostile_values_stay_strings(tmp_path, fake_cluster):
@@ -232,7 +232,7 @@ def test_launch_dry_run(capsys):
     assert launch_main(["--nproc-per-node", "2", "--nnodes", "2", "--master-addr", "10.0.0.1", "--grace-seconds", "300",
                         "--dry-run", "--", "--model", "tiny-llama", "--system", "a b"]) == 0
     cmd = shlex.split(capsys.readouterr().out)
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "swiftdist.preemption"]
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == "10.0.0.1:29500"
     assert cmd[cmd.index("--shutdown-timeout") + 1] == "300"
     assert cmd[-6:] == ["-m", "swiftdist.sft", "--model", "tiny-llama", "--system", "a b"]
@@ -244,6 +244,24 @@ def test_torchrun_signal_flags_exist_in_this_torch():
 
     ns = get_args_parser().parse_args(torchrun_args(TorchrunSpec(grace_seconds=75)) + ["-m", "swiftdist.sft"])
     assert ns.signals_to_handle.split(",")[-1] == "SIGUSR1" and ns.shutdown_timeout == 75
+
+
+def test_a_stop_before_torchrun_handles_signals_reaches_the_workers(tmp_path):
+    """torchrun installs its signal handlers only when it starts the workers: a stop during its import of
+    torch (or a long rendezvous) used to kill it. Through swiftdist.preemption the workers get the stop."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("from swiftdist import preemption\npreemption.install()\nprint('stop', preemption.requested())\n")
+    cmd = [sys.executable, "-m", "swiftdist.preemption", *torchrun_args(TorchrunSpec(grace_seconds=5)), str(worker)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    usr1_caught = 1 << (signal.SIGUSR1 - 1)
+    deadline = time.monotonic() + 30
+    while not int(Path(f"/proc/{proc.pid}/status").read_text().split("SigCgt:")[1].split()[0], 16) & usr1_caught:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGUSR1)  # swiftdist.preemption caught it; torch is still importing
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and f"stop {int(signal.SIGUSR1)}" in out, out
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
