@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Fine-tune Hugging Face causal LMs (full, LoRA, QLoRA) on one or many devices",
     python_requires=">=3.10",
-    packages=["swiftdist", "swiftdist.compat", "swiftdist.strategies", "swiftdist.launchers"],
+    packages=["swiftdist", "swiftdist.strategies", "swiftdist.strategies.megatron", "swiftdist.launchers"],
     package_dir={"swiftdist.strategies": "strategies", "swiftdist.launchers": "launchers"},
     package_data={"swiftdist": ["data/*.jsonl"]},
     # The SLURM templates stay a top-level folder (users read and adapt them); a non-editable

@@ -8,7 +8,7 @@ from swiftdist.errors import SwiftdistError
 
 _REGISTRY = {
     "ddp": "ddp:DDPStrategy",
-    "megatron": "megatron:MegatronStrategy",
+    "megatron": "megatron.strategy:MegatronStrategy",
     "fsdp": "fsdp:FSDPStrategy",
     "fsdp-offload": "fsdp:FSDPOffloadStrategy",
     "zero2": "deepspeed:ZeroStrategy",

@@ -77,7 +77,7 @@ def test_save_resume_on_other_layout_and_export(tiny_qwen2, tmp_path):
     (final/, and the checkpoint read by load_tensors) gives the eval loss the mcore model logged."""
     from safetensors.torch import load_file
 
-    from swiftdist.strategies.megatron import MegatronStrategy
+    from swiftdist.strategies.megatron.strategy import MegatronStrategy
 
     data = _data(tmp_path)
     full = ["--train-type", "full", "--strategy", "megatron", "--val-split", "0.25", "--save-steps", "2",

@@ -19,7 +19,7 @@ def strategy_for():
     made = []
 
     def make(model_dir, *flags):
-        from swiftdist.strategies.megatron import MegatronStrategy
+        from swiftdist.strategies.megatron.strategy import MegatronStrategy
 
         cfg = parse_config(["--strategy", "megatron", "--precision", "fp32", "--model", str(model_dir), *flags])
         strategy = MegatronStrategy(cfg, init_distributed(), "fp32")
@@ -79,7 +79,7 @@ def test_lora_adapter_names_and_fused_layers(tiny_qwen2, strategy_for):
 
 
 def test_refusals(tiny_llama):
-    from swiftdist.strategies.megatron import MegatronStrategy
+    from swiftdist.strategies.megatron.strategy import MegatronStrategy
 
     cfg = parse_config(["--strategy", "megatron", "--train-type", "qlora"])
     assert "no 4-bit linear layers" in MegatronStrategy.refusal(cfg, "bf16")

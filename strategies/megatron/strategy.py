@@ -1,9 +1,9 @@
 """Megatron-core tensor (--tp) and pipeline (--pp) parallelism for HF Llama / Qwen2 models.
 
 The strategy builds an mcore GPTModel chunk per rank from the HF config, fills it from the HF
-safetensors through `swiftdist.megatron_bridge` (each rank reads only its slices), puts LoRA on
-mcore's parallel linear layers (ParallelLoRA below), and runs each step's micro-batches through megatron's
-pipeline schedules. Ranks are laid out tp x pp x dp; data parallelism is whatever world size is
+safetensors through `bridge` (each rank reads only its slices), puts LoRA on mcore's parallel
+linear layers (`lora`), and runs each step's micro-batches through megatron's pipeline schedules.
+Ranks are laid out tp x pp x dp; data parallelism is whatever world size is
 left, with gradients averaged over the data-parallel group after the schedule.
 
 Checkpoints use megatron-core distributed checkpointing, keyed by HF tensor names and HF axes, so
@@ -25,18 +25,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from swiftdist import megatron_bridge as bridge
 from swiftdist.data import IGNORE
 from swiftdist.errors import SwiftdistError
 from swiftdist.loss import shifted_targets
 from swiftdist.strategies.base import Strategy, build_optimizer
 from swiftdist.strategies.dcp import read_tensors
-
-# HF linear-layer names (what --target-modules takes) -> the mcore layer that holds them.
-_LORA_TARGETS = {
-    "q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
-    "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2",
-}
+from swiftdist.strategies.megatron import bridge, lora
 
 
 class MegatronStrategy(Strategy):
@@ -61,9 +55,9 @@ class MegatronStrategy(Strategy):
         # mcore announces at import that it falls back from Apex / Transformer Engine kernels to its
         # local ones; that is the intended setup here, not something for the user to act on.
         warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed", category=UserWarning)
-        from swiftdist.compat import megatron_cpu
+        from swiftdist.strategies.megatron import cpu_compat
 
-        megatron_cpu.apply()
+        cpu_compat.apply()
         from megatron.core import parallel_state as mpu
 
         mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -98,47 +92,9 @@ class MegatronStrategy(Strategy):
         self.layout = bridge.Layout(self.hf_cfg)
         bridge.load_hf_weights([model], self.layout, Path(path), self.tp_rank, self.tp)
         if not full:
-            model = self._add_lora(model)
+            self.lora_targets = lora.add_lora(model, self.cfg.model, self.config.sequence_parallel)
+            lora.init_lora(model, self.layout, self.cfg.train.seed, self.tp_rank, self.tp)
         return model
-
-    def _add_lora(self, model):
-        m = self.cfg.model
-        wanted = list(m.target_modules)
-        unknown = [t for t in wanted if t != "all-linear" and t not in _LORA_TARGETS]
-        if unknown:
-            raise SwiftdistError(f"--target-modules {', '.join(unknown)}: megatron adapts "
-                                 f"{', '.join(_LORA_TARGETS)} or all-linear")
-        targets = set(_LORA_TARGETS.values()) if wanted == ["all-linear"] else {_LORA_TARGETS[t] for t in wanted}
-        # mcore fuses q/k/v (and gate/up) into one layer, so one adapter covers all of them: asking
-        # for q_proj adapts k_proj and v_proj too, and one lora_A feeds the three outputs.
-        self.lora_targets = sorted(h for h, mc in _LORA_TARGETS.items() if mc in targets)
-        model.requires_grad_(False)
-        for name, module in list(model.named_modules()):
-            if name.rsplit(".", 1)[-1] in targets:
-                parent, child = name.rsplit(".", 1)
-                setattr(model.get_submodule(parent), child,
-                        ParallelLoRA(module, m.lora_rank, m.lora_alpha, m.lora_dropout, self.config.sequence_parallel))
-        self._init_lora(model)
-        return model
-
-    def _init_lora(self, model) -> None:
-        """Seeded, layout-independent LoRA init: lora_A ~ peft's kaiming-uniform drawn for the whole
-        HF-shaped matrix, then sliced; lora_B = 0. Any TP x PP layout then starts identical."""
-        tensors = {}
-        for e in self.layout.entries(model):
-            if not e.lora:
-                continue
-            for p in e.pieces:
-                full_shape = list(p.tensor.shape)
-                if p.axis is not None:
-                    full_shape[p.axis] *= self.tp
-                full = torch.zeros(full_shape)
-                if ".lora_A." in p.name:
-                    g = torch.Generator().manual_seed(self.cfg.train.seed + _stable_hash(p.name))
-                    bound = 1.0 / full_shape[1] ** 0.5  # kaiming_uniform_(a=sqrt(5)), as peft does
-                    full.uniform_(-bound, bound, generator=g)
-                tensors[p.name] = full[bridge.tp_slice(full.shape, p.axis, self.tp_rank, self.tp)]
-        self.layout.assign(self.layout.entries(model), tensors)
 
     def wrap(self, model) -> None:
         # Built and filled on the host (use_cpu_initialization: each rank reads only its slices), then
@@ -364,55 +320,3 @@ class MegatronStrategy(Strategy):
                    base_model_name_or_path=m.model).save_pretrained(str(directory))
         save_file({k.replace(".default.", "."): v for k, v in state_dict.items()},
                   str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-def _stable_hash(name: str) -> int:
-    """A seed offset from a tensor name that is the same in every process (unlike hash())."""
-    import zlib
-
-    return zlib.crc32(name.encode())
-
-
-class ParallelLoRA(torch.nn.Module):
-    """LoRA on an mcore Column/RowParallelLinear: base(x) + lora_B(lora_A(dropout(x))) * alpha / r.
-
-    Column-parallel (output rows split over TP): lora_A is whole on every rank, lora_B is split like
-    the base rows. Row-parallel (input columns split): lora_A is split like the base columns and its
-    partial products are summed over TP, lora_B is whole. Written here because peft 0.21's
-    LoraParallelLinear fails to construct (KeyError 'fan_in_fan_out', then 'lora_bias') and leaves the
-    gradient of its replicated lora_A partial on each TP rank.
-    """
-
-    def __init__(self, base, rank: int, alpha: int, dropout: float, sequence_parallel: bool):
-        from megatron.core import tensor_parallel
-
-        super().__init__()
-        self.base_layer = base
-        self.row = isinstance(base, tensor_parallel.RowParallelLinear)
-        self.sequence_parallel = sequence_parallel
-        out_features, in_features = base.weight.shape  # this rank's shard
-        self.lora_A = torch.nn.Linear(in_features, rank, bias=False)
-        self.lora_B = torch.nn.Linear(rank, out_features, bias=False)
-        self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
-        self.scaling = alpha / rank
-        # With sequence parallelism the replicated factor sees only this rank's tokens: its gradient
-        # is summed over TP ranks like the norm weights' (see _finalize_grads).
-        replicated = self.lora_B if self.row else self.lora_A
-        replicated.weight.sequence_parallel = sequence_parallel
-
-    def forward(self, x, *args, **kwargs):
-        from megatron.core import tensor_parallel as tpl
-
-        out, bias = self.base_layer(x, *args, **kwargs)
-        a = self.lora_A(self.dropout(x))
-        if self.row:
-            # x holds this rank's input columns: sum the partial products (over the sequence shards'
-            # owners with sequence parallelism).
-            a = (tpl.reduce_scatter_to_sequence_parallel_region(a) if self.sequence_parallel
-                 else tpl.reduce_from_tensor_model_parallel_region(a))
-        else:
-            # lora_B holds only this rank's output rows, so the gradient reaching `a` is partial:
-            # these regions sum it over TP (with sequence parallelism they also gather the sequence).
-            a = (tpl.gather_from_sequence_parallel_region(a) if self.sequence_parallel
-                 else tpl.copy_to_tensor_model_parallel_region(a))
-        return out + self.lora_B(a) * self.scaling, bias
