@@ -32,6 +32,10 @@ class Strategy(ABC):
         self.model: torch.nn.Module | None = None  # the parallelised model, set by wrap()
         self.optimizer: torch.optim.Optimizer | None = None
 
+    def close(self) -> None:
+        """Undo what the strategy changed for the whole process (patches, process groups of its own) once
+        the run is over; the model is not used after it. Most strategies change nothing."""
+
     # ---- what is possible -------------------------------------------------------------------
 
     @classmethod

@@ -1,51 +1,54 @@
-"""Make megatron-core 0.16 run on CPU + gloo. Applied only when CUDA is absent.
+"""Make megatron-core 0.16 run on CPU + gloo, for the duration of a megatron run.
 
 megatron-core assumes a GPU in a few hard-coded places. Each patch below replaces one of them
-with its CPU equivalent; none changes what the library computes. With CUDA present `apply()`
-does nothing, so the GPU path runs the library unpatched.
+with its CPU equivalent; none changes what the library computes. `patched()` applies them only
+when CUDA is absent (the GPU path runs the library unpatched) and puts every original back when
+it exits, so the rest of the process (another strategy, `torch.Tensor.cuda`) sees stock torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
+from unittest import mock
 
 import torch
 
-_applied = False
 
-
-def apply() -> None:
-    global _applied
-    if _applied or torch.cuda.is_available():
+@contextlib.contextmanager
+def patched():
+    """megatron-core runs on CPU inside the block (nothing changes where CUDA is present)."""
+    if torch.cuda.is_available():
+        yield
         return
-    _applied = True
-    _cpu_current_device()
-    _tensor_cuda_stays_on_cpu()
-    _no_op_synchronize()
-    _cpu_schedule_buffers()
-    _cpu_rng_tracker()
-    _cpu_autocast_in_linear_backward()
+    patches = [*_cpu_current_device(), *_tensor_cuda_stays_on_cpu(), *_no_op_synchronize(),
+               *_cpu_schedule_buffers(), *_cpu_rng_tracker(), *_cpu_autocast_in_linear_backward()]
+    with contextlib.ExitStack() as stack:
+        # mock.patch.object restores each attribute exactly as it was: a staticmethod as one, and an
+        # inherited one (Tensor.cuda lives on TensorBase) by deleting the shadowing copy.
+        for owner, name, value in patches:
+            stack.enter_context(mock.patch.object(owner, name, value))
+        yield
 
 
-def _cpu_current_device() -> None:
+def _cpu_current_device():
     # Buffers throughout mcore (rotary frequencies, pipeline p2p shape and activation buffers,
     # attention scratch) are allocated with `device=torch.cuda.current_device()`, which raises
     # without CUDA. "cpu" is a valid `device=` argument everywhere it is used.
-    torch.cuda.current_device = lambda: "cpu"
+    return [(torch.cuda, "current_device", lambda: "cpu")]
 
 
-def _tensor_cuda_stays_on_cpu() -> None:
+def _tensor_cuda_stays_on_cpu():
     # With tied embeddings and PP > 1, GPTModel moves the head's copy of the embedding with
     # `weight.data.cuda()` before all-reducing it over the embedding group. Without CUDA that call
     # can only raise; leaving the tensor where it is, is what the all-reduce needs on gloo.
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    return [(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)]
 
 
-def _no_op_synchronize() -> None:
+def _no_op_synchronize():
     # The pipeline p2p shape exchange calls `torch.cuda.synchronize()` after batch_isend_irecv to
     # guard against a CUDA-stream race; gloo ops are complete once `wait()` returns.
-    torch.cuda.synchronize = lambda device=None: None
+    return [(torch.cuda, "synchronize", lambda device=None: None)]
 
 
 class _TorchWithCpuZeros(types.ModuleType):
@@ -59,15 +62,15 @@ class _TorchWithCpuZeros(types.ModuleType):
         return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
 
-def _cpu_schedule_buffers() -> None:
+def _cpu_schedule_buffers():
     # The pipeline schedules count tokens in `torch.zeros([], device="cuda")` (a literal, so the
     # current_device patch does not reach it). Only the schedules module sees this wrapper.
     from megatron.core.pipeline_parallel import schedules
 
-    schedules.torch = _TorchWithCpuZeros("torch")
+    return [(schedules, "torch", _TorchWithCpuZeros("torch"))]
 
 
-def _cpu_rng_tracker() -> None:
+def _cpu_rng_tracker():
     # Tensor-parallel regions draw dropout from a tracked "model-parallel" RNG stream that differs
     # per TP rank; the stock tracker stores and swaps *CUDA* generator states. This one does the
     # same with the CPU generator, so seeding and fork() keep their meaning.
@@ -93,17 +96,17 @@ def _cpu_rng_tracker() -> None:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(outer)
 
-    random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    return [(random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker()),
+            (random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)]
 
 
-def _cpu_autocast_in_linear_backward() -> None:
+def _cpu_autocast_in_linear_backward():
     # mcore's parallel linear autograd Functions are decorated with torch.amp.custom_fwd/custom_bwd
     # for device_type="cuda": backward replays the forward's *CUDA* autocast state. Under CPU bf16
     # autocast the backward then multiplies a bf16 gradient by the fp32 weight and fails. Decorate
     # the same functions for the CPU instead, as the library does for CUDA.
     from megatron.core.tensor_parallel import layers
 
-    for fn in (layers.LinearWithFrozenWeight, layers.LinearWithGradAccumulationAndAsyncCommunication):
-        fn.forward = staticmethod(torch.amp.custom_fwd(fn.forward.__wrapped__, device_type="cpu"))
-        fn.backward = staticmethod(torch.amp.custom_bwd(fn.backward.__wrapped__, device_type="cpu"))
+    return [(fn, verb, staticmethod(decorate(getattr(fn, verb).__wrapped__, device_type="cpu")))
+            for fn in (layers.LinearWithFrozenWeight, layers.LinearWithGradAccumulationAndAsyncCommunication)
+            for verb, decorate in (("forward", torch.amp.custom_fwd), ("backward", torch.amp.custom_bwd))]

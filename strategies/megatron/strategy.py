@@ -17,6 +17,7 @@ optimizer (which needs deeper CPU patches), so optimizer state is replicated ove
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -30,7 +31,7 @@ from swiftdist.errors import SwiftdistError
 from swiftdist.loss import shifted_targets
 from swiftdist.strategies.base import Strategy, build_optimizer
 from swiftdist.strategies.dcp import read_tensors
-from swiftdist.strategies.megatron import bridge, lora
+from swiftdist.strategies.megatron import bridge, cpu_compat, lora
 
 
 class MegatronStrategy(Strategy):
@@ -55,16 +56,21 @@ class MegatronStrategy(Strategy):
         # mcore announces at import that it falls back from Apex / Transformer Engine kernels to its
         # local ones; that is the intended setup here, not something for the user to act on.
         warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed", category=UserWarning)
-        from swiftdist.strategies.megatron import cpu_compat
-
-        cpu_compat.apply()
         from megatron.core import parallel_state as mpu
 
-        mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        # What this run changes process-wide (CPU patches, model-parallel groups) is undone by close().
+        with contextlib.ExitStack() as run:
+            run.enter_context(cpu_compat.patched())
+            mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            run.callback(mpu.destroy_model_parallel)
+            self._teardown = run.pop_all()
         self.mpu = mpu
         self.tp, self.pp = tp, pp
         self.tp_rank = mpu.get_tensor_model_parallel_rank()
         self.chunks: list[torch.nn.Module] = []
+
+    def close(self) -> None:
+        self._teardown.close()
 
     @property
     def dp_rank(self) -> int:

@@ -13,9 +13,7 @@ from swiftdist.errors import SwiftdistError
 
 @pytest.fixture
 def strategy_for():
-    """A MegatronStrategy (TP = PP = 1) on a one-process group; parallel state torn down after."""
-    from megatron.core import parallel_state
-
+    """A MegatronStrategy (TP = PP = 1) on a one-process group; closed after (parallel state, CPU patches)."""
     made = []
 
     def make(model_dir, *flags):
@@ -28,7 +26,8 @@ def strategy_for():
         return strategy
 
     yield make
-    parallel_state.destroy_model_parallel()
+    for strategy in reversed(made):
+        strategy.close()
 
 
 def _hf(model_dir):
@@ -86,3 +85,37 @@ def test_refusals(tiny_llama):
     cfg = parse_config(["--strategy", "megatron", "--tp", "2", "--pp", "2"])
     with pytest.raises(SwiftdistError, match=r"--tp 2 x --pp 2 = 4 must divide the world size 1"):
         MegatronStrategy(cfg, init_distributed(), "fp32")
+
+
+def _patchable() -> dict:
+    """What cpu_compat patches, as found now (a class's own attribute where it patches a class)."""
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import layers, random
+
+    linear = (layers.LinearWithFrozenWeight, layers.LinearWithGradAccumulationAndAsyncCommunication)
+    return {"Tensor.cuda": torch.Tensor.cuda, "cuda.current_device": torch.cuda.current_device,
+            "cuda.synchronize": torch.cuda.synchronize, "schedules.torch": schedules.torch,
+            "rng tracker": random._CUDA_RNG_STATE_TRACKER,
+            **{f"{fn.__name__}.{verb}": vars(fn)[verb] for fn in linear for verb in ("forward", "backward")}}
+
+
+def test_cpu_patches_last_only_as_long_as_the_megatron_run(tiny_llama, strategy_for):
+    from megatron.core import parallel_state
+
+    from swiftdist.strategies.megatron import cpu_compat
+
+    originals = _patchable()
+    with cpu_compat.patched():
+        inside = _patchable()
+    after_block = _patchable()
+    strategy = strategy_for(tiny_llama, "--train-type", "lora")
+    during_run = _patchable()
+    strategy.close()
+    after_run = _patchable()
+
+    on_cpu = not torch.cuda.is_available()  # with CUDA nothing is patched at all
+    assert all((inside[k] is not v) == on_cpu and (during_run[k] is not v) == on_cpu for k, v in originals.items())
+    for seen in (after_block, after_run):
+        assert all(seen[k] is v for k, v in originals.items()), [k for k, v in originals.items() if seen[k] is not v]
+    assert "cuda" not in vars(torch.Tensor)  # the inherited TensorBase.cuda, not a copy left behind
+    assert not parallel_state.model_parallel_is_initialized()
