@@ -12,8 +12,10 @@ How the trainer's verbs map onto the engine:
 - clipping happens inside `engine.step()` (config `gradient_clipping`); `clip_grad_norm` only
   reads the norm the ZeRO optimizer will clip with, so the trainer can stop on a non-finite one
   before the update;
-- bf16 is DeepSpeed's own mode: bf16 weights, fp32 master weights in the optimizer. The forward
-  still runs under the trainer's autocast, so the ops autocast keeps in fp32 match the DDP run.
+- bf16 is torch autocast over the module as it loaded (DeepSpeed's `torch_autocast` mode), as
+  under ddp and fsdp: fully trained weights stay fp32, gradients accumulate and reduce in fp32.
+  DeepSpeed's own `bf16` mode (bf16 weights and a pure-bf16 forward) learned visibly differently
+  from DDP on full fine-tuning; docs/deepspeed-cpu.md has the figures.
 Checkpoints are DeepSpeed's own format (`save_checkpoint`), frozen weights excluded.
 """
 
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from swiftdist.errors import SwiftdistError
+from swiftdist.model import weight_dtype
 from swiftdist.strategies.base import Strategy, build_optimizer, param_groups
 
 # Keys of a user's DeepSpeed JSON that must agree with our flags ("auto" means: take ours).
@@ -66,7 +69,12 @@ class ZeroStrategy(Strategy):
             "gradient_accumulation_steps": t.grad_accum,
             "train_batch_size": t.batch_size * t.grad_accum * self.dist.world_size,
             "gradient_clipping": max(t.max_grad_norm, 0.0),
-            "bf16": {"enabled": self.precision == "bf16"},
+            # bf16 is torch autocast over the weights as loaded (fp32 when fully trained), as under
+            # ddp and fsdp; not DeepSpeed's `bf16` mode, which casts the module to bf16. An empty
+            # module list keeps every gradient reduction (and ZeRO-3 gather) in the weights' dtype.
+            "bf16": {"enabled": False},
+            "torch_autocast": {"enabled": self.precision == "bf16", "dtype": "bfloat16",
+                               "lower_precision_safe_modules": []},
             "zero_optimization": zero,
             # Our AdamW (same update as the other strategies) is not one DeepSpeed lists as tested.
             "zero_allow_untested_optimizer": True,
@@ -95,7 +103,10 @@ class ZeroStrategy(Strategy):
         if bf16 != "auto" and bool(bf16) != (self.precision == "bf16"):
             raise SwiftdistError(f"--deepspeed-config {path}: bf16.enabled is {bf16} but --precision is "
                                  f"{self.precision}; make them agree (or set it to \"auto\")")
-        user["bf16"]["enabled"] = self.precision == "bf16"
+        # "auto": our torch autocast; an explicit true keeps DeepSpeed's bf16 mode, the user's choice.
+        user["bf16"]["enabled"] = bf16 is True
+        if not user["bf16"]["enabled"]:
+            user.setdefault("torch_autocast", ours["torch_autocast"])
         if "scheduler" in user:
             raise SwiftdistError(f"--deepspeed-config {path}: remove the 'scheduler' section; swiftdist sets the "
                                  "learning rate every step (--lr, --scheduler, --warmup-ratio)")
@@ -135,11 +146,21 @@ class ZeroStrategy(Strategy):
             return
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-        hf_config = HfDeepSpeedConfig(self.ds_config)  # noqa: F841 -- registered globally by weakref
+        hf_config = HfDeepSpeedConfig(self._init_config())  # noqa: F841 -- registered globally by weakref
         try:
             yield
         finally:
             unset_hf_deepspeed_config()
+
+    def _init_config(self) -> dict:
+        """The config zero.Init sees. zero.Init casts every weight it builds to the dtype its config
+        names (bf16 or fp16 when enabled, else fp32): name the dtype the weights load in, so that
+        LoRA's frozen bf16 base stays bf16 and a full fine-tune's weights stay fp32 under autocast."""
+        if self.ds_config["bf16"]["enabled"]:  # DeepSpeed's bf16 mode (a user's choice): bf16 weights
+            return self.ds_config
+        dtype = weight_dtype(self.cfg.model, self.precision)
+        init = {k: v for k, v in self.ds_config.items() if k != "torch_autocast"}
+        return {**init, "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
 
     def build_model(self, path):
         import deepspeed
@@ -272,16 +293,20 @@ class ZeroStrategy(Strategy):
 
     @classmethod
     def memory_estimate(cls, stats, world_size: int) -> dict[str, float]:
-        # The module runs in the compute dtype; the optimizer holds an fp32 master copy of the
-        # trainable weights plus Adam's two fp32 moments, and fp32 gradients, all partitioned.
+        # The module keeps the dtype it loaded in (bf16 runs under autocast, as under ddp). The ZeRO
+        # optimizer partitions fp32 gradients, an fp32 master copy of the trainable weights and
+        # Adam's two fp32 moments. (ZeRO-3 means to reuse fp32 weight partitions as the master copy,
+        # but DeepSpeed 0.19.8's check compares a torch.device with a device name and never matches.)
+        trainable = stats.n_trainable / world_size
         parts = {
-            "params": stats.low_precision_bytes / (world_size if cls.stage == 3 else 1),
-            "grads": 4 * stats.n_trainable / world_size,
-            "optimizer": 12 * stats.n_trainable / world_size,
+            "params": stats.loaded_bytes / (world_size if cls.stage == 3 else 1),
+            "grads": 4 * trainable,
+            "optimizer": 12 * trainable,
         }
-        buffers = stats.hidden_size**2 * stats.compute_bytes  # the gradient reduce bucket
-        if cls.stage == 3:  # the layer being computed and the prefetched one, gathered
-            buffers += 2 * stats.layer_params * stats.compute_bytes
+        buffers = stats.hidden_size**2 * 4  # the fp32 gradient reduce bucket
+        if cls.stage == 3:  # the layer being computed and the prefetched one, gathered in their own dtype
+            frozen = stats.layer_params - stats.layer_trainable
+            buffers += 2 * (frozen * stats.weight_bytes + stats.layer_trainable * stats.trainable_bytes)
         host = 0.0
         if cls.offload:
             moved = ("grads", "optimizer", "params") if cls.stage == 3 else ("grads", "optimizer")

@@ -51,7 +51,7 @@ class ModelStats:
     trainable_bytes: int
     """Bytes per trainable weight as loaded (LoRA adapters and fully trained weights stay fp32 by default)."""
     compute_bytes: int
-    """2 when computing in bf16, else 4: gathered layers and ZeRO's weight copies use this."""
+    """2 when computing in bf16, else 4: the dtype FSDP gathers layers in."""
     activations: int
     """Bytes autograd saves for backward in one micro-batch."""
 
@@ -64,11 +64,6 @@ class ModelStats:
     def loaded_bytes(self) -> float:
         """The whole model as the trainer loads it."""
         return self.frozen_bytes + self.n_trainable * self.trainable_bytes
-
-    @property
-    def low_precision_bytes(self) -> float:
-        """The model after DeepSpeed casts it to its compute dtype (4-bit weights stay packed)."""
-        return (self.n_params - self.n_quantized) * self.compute_bytes + self.n_quantized * NF4_BYTES
 
 
 def _hf_config(model: str):

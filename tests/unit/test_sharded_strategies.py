@@ -47,13 +47,17 @@ def test_the_deepspeed_config_follows_our_flags():
     cfg = parse_config(["--batch-size", "3", "--grad-accum", "4", "--max-grad-norm", "0.5"])
     ds = get_strategy_class("zero3-offload")(cfg, TWO_RANKS, "bf16").ds_config
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 4, 24)
-    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["gradient_clipping"] == 0.5
+    # bf16 is torch autocast over fp32 weights, as under ddp/fsdp, with fp32 gradient reductions
+    # (no module marked lower-precision-safe); not DeepSpeed's bf16 mode, which casts the module.
+    assert ds["bf16"] == {"enabled": False}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3
     # Offload: optimizer state and (ZeRO-3) parameters in host memory, unpinned without an accelerator.
     assert zero["offload_optimizer"] == zero["offload_param"] == {"device": "cpu", "pin_memory": False}
     zero2 = get_strategy_class("zero2")(cfg, TWO_RANKS, "fp32").ds_config
-    assert zero2["zero_optimization"]["stage"] == 2 and zero2["bf16"] == {"enabled": False}
+    assert zero2["zero_optimization"]["stage"] == 2 and zero2["torch_autocast"]["enabled"] is False
     assert "offload_optimizer" not in zero2["zero_optimization"]
     assert "offload_param" not in get_strategy_class("zero2-offload")(cfg, TWO_RANKS, "bf16").ds_config["zero_optimization"]
 
@@ -68,7 +72,8 @@ def test_a_user_deepspeed_config_fills_auto_and_keeps_its_own_settings(tmp_path)
     cfg = parse_config(["--strategy", "zero3", "--deepspeed-config", str(path), "--batch-size", "2"])
     assert get_strategy_class("zero3").refusal(cfg, "bf16") is None
     ds = get_strategy_class("zero3")(cfg, TWO_RANKS, "bf16").ds_config
-    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 4 and ds["bf16"]["enabled"] is True
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 4
+    assert ds["bf16"]["enabled"] is False and ds["torch_autocast"]["enabled"] is True  # "auto": our autocast
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == 12345
 
 
@@ -92,6 +97,32 @@ def test_a_user_deepspeed_config_that_disagrees_is_a_one_line_error(tmp_path, co
     with pytest.raises(SwiftdistError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         get_strategy_class(strategy)(cfg, TWO_RANKS, "bf16")
     assert "\n" not in str(err.value)
+
+
+def test_a_user_deepspeed_config_that_enables_bf16_keeps_deepspeeds_bf16_mode(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    cfg = parse_config(["--strategy", "zero2", "--deepspeed-config", str(path)])
+    ds = get_strategy_class("zero2")(cfg, TWO_RANKS, "bf16").ds_config
+    assert ds["bf16"]["enabled"] is True and "torch_autocast" not in ds
+
+
+@pytest.mark.parametrize("train_type, precision, init_dtype", [
+    ("full", "bf16", "fp32"),  # fully trained weights stay fp32 (autocast computes in bf16)
+    ("lora", "bf16", "bf16"),  # the frozen base loads in bf16 and must stay so, partitioned
+    ("qlora", "bf16", "bf16"),
+    ("lora", "fp32", "fp32"),
+])
+def test_zero_init_builds_the_weights_in_the_dtype_they_load_in(train_type, precision, init_dtype):
+    # zero.Init casts every weight it builds to the dtype its config's bf16/fp16 flags name.
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    cfg = parse_config(["--strategy", "zero3", "--train-type", train_type])
+    one_rank = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # as DeepSpeedConfig sees here
+    strategy = get_strategy_class("zero3")(cfg, one_rank, precision)
+    init = InsertPostInitMethodToModuleSubClasses(ds_config=DeepSpeedConfig(strategy._init_config()))
+    assert init.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[init_dtype]
 
 
 def test_a_missing_deepspeed_config_is_a_one_line_error(tmp_path):
@@ -180,7 +211,7 @@ def test_sharding_divides_the_state_and_offload_moves_it_to_the_host(tiny_llama)
     stats = _stats(tiny_llama, "full")
     ddp, fsdp, zero3 = (estimate(stats, s, 2) for s in ("ddp", "fsdp", "zero3"))
     assert fsdp["params"] == ddp["params"] / 2 and fsdp["optimizer"] == ddp["optimizer"] / 2
-    assert zero3["params"] == ddp["params"] / 4  # bf16 partitions of fp32 weights
+    assert zero3["params"] == ddp["params"] / 2  # fp32 partitions: the weights stay fp32 under autocast
     for name in ("fsdp-offload", "zero3-offload"):
         parts = estimate(stats, name, 2)
         assert parts["params"] == parts["grads"] == parts["optimizer"] == 0 and parts["host"] > 0
