@@ -141,26 +141,35 @@ def job_spec(model_dir: Path, train_type: str, steps: int, seq: int, gpus: int) 
 
 
 def measure(model: str, train_type: str, args, peak: float, card_gib: float, out_dir: Path) -> dict:
-    row = {"model": model, "train_type": train_type, "gpus": args.gpus, "seq": args.seq}
     why = skip_reason(model, train_type, card_gib)
     if why:
-        return {**row, "status": f"skipped: {why}"}
+        return {"model": model, "train_type": train_type, "gpus": args.gpus, "seq": args.seq, "status": f"skipped: {why}"}
     from swiftdist.model import CACHE_DIR
 
-    spec = job_spec(random_model_dir(model, CACHE_DIR / "bench-models"), train_type, args.steps, args.seq, args.gpus)
+    return measure_dir(model, random_model_dir(model, CACHE_DIR / "bench-models"), train_type, args, peak, out_dir)
+
+
+def measure_dir(model: str, model_dir: Path, train_type: str, args, peak: float, out_dir: Path) -> dict:
+    """One swiftdist run (DDP over `args.gpus`) of the HF dir `model_dir`, named `model` in the table."""
+    from transformers import AutoConfig
+
+    row = {"model": model, "train_type": train_type, "gpus": args.gpus, "seq": args.seq}
+    spec = job_spec(model_dir, train_type, args.steps, args.seq, args.gpus)
     run_dir = out_dir / "runs" / f"{model}-{train_type}"
     run_dir.mkdir(parents=True, exist_ok=True)
     res = launch(Contender(f"swiftdist {model} {train_type}", "benchmarks.swiftdist_worker", args.gpus, ["ddp"]),
                  spec.save(run_dir / "spec.json"), run_dir, args.timeout)
-    est = estimated_gib(str(CONFIG_DIR / MODELS[model]), spec, ["ddp"], args.gpus, args.seq, 1).get("ddp", {})
+    est = estimated_gib(str(model_dir), spec, ["ddp"], args.gpus, args.seq, 1).get("ddp", {})
     row["est_gib"] = est.get("total")
     if not res.ok:
         return {**row, "status": res.error}
     tokens_per_gpu = median_after_warmup(res.ranks[0]["tokens_per_s"], args.warmup) / args.gpus
-    flops = flops_per_token(Shape.of(hf_config(model)), args.seq, train_type)
+    flops = flops_per_token(Shape.of(AutoConfig.from_pretrained(model_dir)), args.seq, train_type)
     return {**row, "status": "ok", "step_s": median_after_warmup(res.step_s, args.warmup),
             "tokens_per_s_per_gpu": tokens_per_gpu, "mfu_pct": 100 * mfu(tokens_per_gpu, flops, peak),
-            "max_memory_allocated_gib": max(r["max_memory_allocated_gib"] for r in res.ranks),
+            # None on a CPU host (a dry run of scripts/gpu_check.sh): no device memory to read.
+            "max_memory_allocated_gib": max((r["max_memory_allocated_gib"] for r in res.ranks
+                                             if "max_memory_allocated_gib" in r), default=None),
             "flops_per_token": flops, "loss_first": res.ranks[0]["losses"][0], "loss_last": res.ranks[0]["losses"][-1]}
 
 

@@ -68,8 +68,9 @@ def command(c: Contender, spec_path: Path, run_dir: Path) -> list[str]:
             f"--master-port={_free_port()}", *tail]
 
 
-def launch(c: Contender, spec_path: Path, run_dir: Path, timeout: int) -> RunResult:
-    """Run one contender to completion; a failure is a result (its last log line), not an exception."""
+def launch(c: Contender, spec_path: Path, run_dir: Path, timeout: int, env: dict | None = None) -> RunResult:
+    """Run one contender to completion; a failure is a result (its last log line), not an exception.
+    `env`: variables to add for this run (several runs may go at once, each with its own)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob("rank*.json"):  # an earlier invocation's figures must not pass for this one's
         stale.unlink()
@@ -77,7 +78,7 @@ def launch(c: Contender, spec_path: Path, run_dir: Path, timeout: int) -> RunRes
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
-            proc = subprocess.run(command(c, spec_path, run_dir), env=_env(), stdout=f,
+            proc = subprocess.run(command(c, spec_path, run_dir), env={**_env(), **(env or {})}, stdout=f,
                                   stderr=subprocess.STDOUT, timeout=timeout, cwd=Path(__file__).parent.parent)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
