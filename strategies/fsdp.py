@@ -3,9 +3,15 @@ parameters, gradients and optimizer state and all-gathers one layer at a time.
 
 `fsdp-offload` keeps the shards (and so the optimizer step) in host memory; the device holds only
 the layer being computed. Checkpoints go through DCP (strategies/dcp.py), so they reshard on load.
+
+The model is built on the meta device and sharded before any weight exists; each rank then reads
+only its own shards from the safetensors files (swiftdist/sharded_load.py), so no rank ever holds
+the whole model. QLoRA, and models whose files cannot be read that way, load whole on every rank.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -13,8 +19,12 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from swiftdist.errors import SwiftdistError
+from swiftdist.model import load_model
+from swiftdist.sharded_load import CannotSlice, InitialValues, plan_initial_values
 from swiftdist.strategies.base import build_optimizer
 from swiftdist.strategies.dcp import DCPStrategy
+
+log = logging.getLogger("swiftdist")
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -31,6 +41,22 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 class FSDPStrategy(DCPStrategy):
     name = "fsdp"
     offload = False
+    _initial: InitialValues | None = None
+    """Set by build_model when the model is empty (meta): what wrap() fills each rank's shards with."""
+
+    def build_model(self, path) -> torch.nn.Module:
+        # QLoRA quantizes inside from_pretrained (bitsandbytes packs whole tensors), so it loads whole.
+        if self.cfg.model.train_type == "qlora":
+            return super().build_model(path)
+        rng = torch.get_rng_state()  # LoRA's initial weights are replayed from here
+        model = load_model(self.cfg.model, path, self.precision, empty=True)
+        try:
+            self._initial = plan_initial_values(model, path, rng)
+        except CannotSlice as why:
+            log.warning("--strategy %s: %s; every rank loads the whole model instead", self.name, why)
+            torch.set_rng_state(rng)
+            return super().build_model(path)
+        return model
 
     def wrap(self, model) -> None:
         device = self.dist.device
@@ -41,14 +67,20 @@ class FSDPStrategy(DCPStrategy):
               if self.precision == "bf16" else MixedPrecisionPolicy())
         # Pinned host memory needs an accelerator; on a CPU host it fails ("Cannot access accelerator device").
         offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if self.offload else OffloadPolicy()
-        # The model arrives whole in host memory. Moving one layer at a time and sharding it keeps
-        # the device from ever holding more than one unsharded layer, so a model larger than one
-        # device still fits on several. (`.to` also moves bitsandbytes' 4-bit quantization state,
-        # which is no parameter; fully_shard(model) moves what is left: embeddings, norms, head.)
+        # An empty model is sharded while on meta, then each rank allocates and reads its shards.
+        # A model that arrives whole in host memory moves one layer at a time and shards it, so the
+        # device never holds more than one unsharded layer and a model larger than one device still
+        # fits on several. (`.to` also moves bitsandbytes' 4-bit quantization state, which is no
+        # parameter; fully_shard(model) moves what is left: embeddings, norms, head.)
         for layer in decoder_layers(model):
-            layer.to(device)
+            if self._initial is None:
+                layer.to(device)
             fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        if self._initial is not None:
+            # Offloaded shards live in host memory; buffers stay where fully_shard put them.
+            self._initial.load_into(model, torch.device("cpu") if self.offload else device)
+            self._initial = None
         self.model = model
         self.optimizer = build_optimizer(model, self.cfg)
 

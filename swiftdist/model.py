@@ -219,8 +219,11 @@ def lora_target_modules(model, targets: list[str]) -> list[str]:
     return list(targets)
 
 
-def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contextlib.nullcontext):
-    """HF model (on CPU, or partitioned at construction by `init_context`) with LoRA/QLoRA applied."""
+def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contextlib.nullcontext, empty: bool = False):
+    """HF model (on CPU, or partitioned at construction by `init_context`) with LoRA/QLoRA applied.
+
+    `empty`: parameters on the meta device, none read, for a strategy that fills its own shards
+    (swiftdist/sharded_load.py); not for QLoRA, which quantizes as from_pretrained loads."""
     from transformers import AutoModelForCausalLM
 
     dtype = weight_dtype(cfg, precision)
@@ -231,8 +234,13 @@ def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contex
     )
     if cfg.train_type == "qlora":
         kwargs["quantization_config"] = qlora_config(torch.bfloat16 if precision == "bf16" else torch.float32)
-    with init_context():
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if empty:
+        from swiftdist.sharded_load import empty_model
+
+        model = empty_model(path, **kwargs)
+    else:
+        with init_context():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     output_head(model)  # refuse a model without an LM head before any work
     model.config.use_cache = False
     if cfg.train_type == "qlora":
