@@ -30,6 +30,14 @@ def get_strategy_class(name: str):
     return getattr(importlib.import_module(f"swiftdist.strategies.{module}"), cls)
 
 
+def owned_flags() -> dict[str, str]:
+    """Every strategy's owned_flags: flag -> the reason the other strategies refuse it."""
+    flags = {}
+    for name in names():
+        flags.update(get_strategy_class(name).owned_flags)
+    return flags
+
+
 def support_matrix() -> str:
     """Markdown table of which strategy runs which train type x precision, from each strategy's own
     refusal(); the README embeds it and a test keeps the two equal."""

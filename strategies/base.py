@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from swiftdist.config import RunConfig
+from swiftdist.config import ParallelConfig, RunConfig
 from swiftdist.distributed import DistInfo
 from swiftdist.errors import SwiftdistError
 from swiftdist.loss import output_head, token_loss_sum
@@ -25,7 +25,9 @@ class Strategy(ABC):
     name: ClassVar[str]
     checkpoint_format: ClassVar[str]
     """What save() writes (e.g. "dcp"); a resume refuses a checkpoint of another format with a clear reason."""
-    reads_deepspeed_config: ClassVar[bool] = False
+    owned_flags: ClassVar[dict[str, str]] = {}
+    """Flags (ParallelConfig fields) that only this strategy family reads, each with the reason every other
+    strategy refuses it when it is set (there it would be silently ignored)."""
 
     def __init__(self, cfg: RunConfig, dist: DistInfo, precision: str):
         self.cfg, self.dist, self.precision = cfg, dist, precision
@@ -43,12 +45,14 @@ class Strategy(ABC):
         """Why this strategy cannot run `cfg` (train type x precision x layout), or None if it can.
 
         Checked before any model is loaded, so an impossible combination costs nothing. The default
-        refuses flags that only another backend reads, so that they are never silently ignored.
+        refuses flags that only another backend reads (its owned_flags), so that they are never silently ignored.
         """
-        if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-            return "--tp/--pp split the model with megatron-core; use --strategy megatron, or leave them at 1"
-        if cfg.parallel.deepspeed_config and not cls.reads_deepspeed_config:
-            return "--deepspeed-config configures DeepSpeed; use it with a zero2/zero3 strategy, or drop it"
+        from swiftdist.strategies import owned_flags
+
+        default = ParallelConfig()
+        for flag, reason in owned_flags().items():
+            if flag not in cls.owned_flags and getattr(cfg.parallel, flag) != getattr(default, flag):
+                return reason
         return None
 
     @classmethod
@@ -70,6 +74,12 @@ class Strategy(ABC):
     def model_init_context(self):
         """Context in which the model is constructed (e.g. ZeRO-3 partitions weights as they load)."""
         return contextlib.nullcontext()
+
+    @staticmethod
+    def param_shape(p: torch.nn.Parameter) -> torch.Size:
+        """A parameter's real shape, also where build_model left only a placeholder of it on this rank
+        (what the parameter counts and the weight-decay groups go by)."""
+        return p.shape
 
     def build_model(self, path) -> torch.nn.Module:
         """The model to train, from the HF dir `path`: an HF model with LoRA/QLoRA applied.
@@ -177,13 +187,8 @@ class Strategy(ABC):
         return _storage_bytes(self._state_tensors())
 
     def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
-        from torch.distributed.tensor import DTensor
-
-        def local(t):  # an FSDP2 shard is a DTensor; its storage is that of the local piece
-            return t.to_local() if isinstance(t, DTensor) else t
-
-        params = [local(p) for p in self.model.parameters()]
-        optimizer = [local(t) for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        params = list(self.model.parameters())
+        optimizer = [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
         return {"params": params, "optimizer": optimizer}
 
     @classmethod
@@ -206,24 +211,23 @@ def _storage_bytes(kinds: dict[str, list[torch.Tensor]]) -> dict[str, dict[str, 
     return out
 
 
-def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
-    """The trainable parameters; no weight decay on biases and norm weights (1-D tensors), as in most LLM recipes."""
+def param_groups(model: torch.nn.Module, cfg: RunConfig, shape=Strategy.param_shape) -> list[dict]:
+    """The trainable parameters; no weight decay on biases and norm weights (1-D tensors), as in most LLM
+    recipes. `shape` is the strategy's param_shape."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            # A parameter partitioned by ZeRO-3 is an empty placeholder; ds_shape keeps its real shape.
-            ndim = len(getattr(p, "ds_shape", p.shape))
-            (decay if ndim >= 2 else no_decay).append(p)
+            (decay if len(shape(p)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, shape=Strategy.param_shape) -> torch.optim.Optimizer:
     """AdamW over param_groups()."""
     return torch.optim.AdamW(
-        param_groups(model, cfg),
+        param_groups(model, cfg, shape),
         lr=cfg.train.lr,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         fused=torch.cuda.is_available() or None,

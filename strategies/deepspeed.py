@@ -45,7 +45,8 @@ class ZeroStrategy(Strategy):
     name = "zero2"
     # The stage is part of the format: a ZeRO-2 checkpoint's optimizer partitions are not ZeRO-3's.
     checkpoint_format = "deepspeed-zero2"
-    reads_deepspeed_config = True
+    owned_flags = {"deepspeed_config": "--deepspeed-config configures DeepSpeed; use it with a zero2/zero3 strategy, "
+                                       "or drop it"}
     stage = 2
     offload = False
     _TAG = "zero"  # one checkpoint per directory, so a fixed tag
@@ -188,9 +189,14 @@ class ZeroStrategy(Strategy):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             t = self.cfg.train
-            return DeepSpeedCPUAdam(param_groups(model, self.cfg), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                    adamw_mode=True)
-        return build_optimizer(model, self.cfg)
+            return DeepSpeedCPUAdam(param_groups(model, self.cfg, self.param_shape), lr=t.lr,
+                                    betas=(t.adam_beta1, t.adam_beta2), adamw_mode=True)
+        return build_optimizer(model, self.cfg, self.param_shape)
+
+    @staticmethod
+    def param_shape(p):
+        # A parameter partitioned by ZeRO-3 is an empty placeholder; ds_shape keeps its real shape.
+        return getattr(p, "ds_shape", p.shape)
 
     # ---- one optimizer step ---------------------------------------------------------------------
 

@@ -97,6 +97,11 @@ class FSDPStrategy(DCPStrategy):
                                                  max_norm, norm)
         return norm
 
+    def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        # A shard is a DTensor; its storage is that of the local piece.
+        return {kind: [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+                for kind, tensors in super()._state_tensors().items()}
+
     @classmethod
     def memory_estimate(cls, stats, world_size: int) -> dict[str, float]:
         trainable = stats.n_trainable * stats.trainable_bytes

@@ -270,7 +270,7 @@ def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contex
     return get_peft_model(model, lora)
 
 
-def count_params(model) -> tuple[int, int]:
-    # A parameter that ZeRO-3 partitioned while it loaded is empty here; ds_numel is its real size.
-    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+def count_params(model, shape=torch.Tensor.size) -> tuple[int, int]:
+    """(trainable, total) parameters; `shape` is the strategy's param_shape (a parameter may be a placeholder)."""
+    sizes = [(shape(p).numel(), p.requires_grad) for p in model.parameters()]
     return sum(n for n, trainable in sizes if trainable), sum(n for n, _ in sizes)

@@ -37,6 +37,8 @@ from swiftdist.strategies.megatron import bridge, cpu_compat, lora
 class MegatronStrategy(Strategy):
     name = "megatron"
     checkpoint_format = "megatron-dist"
+    owned_flags = dict.fromkeys(("tp", "pp"), "--tp/--pp split the model with megatron-core; use --strategy megatron, "
+                                              "or leave them at 1")
 
     @classmethod
     def refusal(cls, cfg, precision: str) -> str | None:

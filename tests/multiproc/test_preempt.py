@@ -1,7 +1,8 @@
-"""Interruptions lose no work: SIGTERM/SIGUSR1 save and exit, a kill -9 of one worker restarts the
-elastic group from the last complete checkpoint, and a crash in the middle of a save leaves the
-previous checkpoint usable. Each interrupted run, continued, ends with the uninterrupted run's
-weights and losses bit for bit (test_resume.reference: 2 ranks, 8 steps, LoRA dropout on)."""
+"""Interruptions lose no work: SIGTERM/SIGUSR1 save and exit (also when the step and save outlast
+torchrun's default 30 s grace), a kill -9 of one worker restarts the elastic group from the last
+complete checkpoint, and a crash in the middle of a save leaves the previous checkpoint usable.
+Each interrupted run, continued, ends with the uninterrupted run's weights and losses bit for bit
+(test_resume.reference: 2 ranks, 8 steps, LoRA dropout on)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from tests.helpers import test_env as process_env
 from tests.multiproc.test_resume import adapter, assert_same_adapter, data_of, reference, train_args
 
 pytestmark = pytest.mark.slow
+
+# Longer than torchrun's default grace (it SIGKILLs its workers 30 s after it forwards a stop).
+SLOW_SAVE_S = 32
 
 
 def start(cmd: list[str], log: Path, **env) -> subprocess.Popen:
@@ -112,6 +116,29 @@ def test_sigusr1_to_a_single_process_saves_and_exits_143(tmp_path_factory, tmp_p
     finish(proc, log)
     assert proc.returncode == 143
     assert checkpoint.resolve_resume("auto", str(out)).name == f"step-{steps_done(out):06d}"
+
+
+def test_a_step_and_save_longer_than_torchruns_default_grace_still_checkpoint(tmp_path_factory, tmp_path):
+    """`swiftdist launch --grace-seconds` is torchrun's --shutdown-timeout. The stop is SIGUSR1, what the
+    SLURM templates send (torchrun forwards it only because we ask), and the save takes SLOW_SAVE_S."""
+    ref, out, log = reference(tmp_path_factory), tmp_path / "out", tmp_path / "log"
+    args = train_args(data_of(ref), out, "--save-steps", "0", "--resume", "auto")
+    launch = [sys.executable, "-m", "swiftdist.cli", "launch", "--nproc-per-node", "2", "--grace-seconds", "60"]
+    proc = start([*launch, "--", *args], log, SWIFTDIST_TEST_SAVE_DELAY_S=SLOW_SAVE_S)  # every rank, in each save
+    wait_until(lambda: steps_done(out) >= 2, proc, log)
+    signalled = time.time()
+    proc.send_signal(signal.SIGUSR1)  # swiftdist launch exec'd torchrun: this is torchrun
+    text = finish(proc, log)
+    stop_to_exit = time.time() - signalled
+    (saved,) = checkpoint.complete_checkpoints(str(out))
+    stop_to_complete = (saved / checkpoint.COMPLETE).stat().st_mtime - signalled
+    assert stop_to_complete > 30, text  # past the point where torchrun's default grace SIGKILLs the workers
+    assert checkpoint.TrainerState.from_file(saved / checkpoint.STATE_FILE).step == steps_done(out) < 8
+    sft(2, args)
+    assert losses_by_step(out) == losses_by_step(ref)
+    assert_same_adapter(adapter(out), adapter(ref))
+    print(f"\nwith a {SLOW_SAVE_S} s save and --grace-seconds 60: stop -> COMPLETE {stop_to_complete:.1f}s, "
+          f"stop -> torchrun exits {stop_to_exit:.1f}s")
 
 
 def test_kill9_of_one_worker_restarts_the_group_from_the_last_checkpoint(tmp_path_factory, tmp_path):

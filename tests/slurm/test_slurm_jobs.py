@@ -1,8 +1,9 @@
-"""Real jobs on the local two-node SLURM cluster: finish, preempt + requeue + resume, time limit, two nodes.
+"""Real jobs on the local two-node SLURM cluster: finish, preempt + requeue + resume (on one node and
+on two), time limit, two nodes.
 
 Each job fine-tunes tiny-llama with 2 gloo processes (fp32, no LoRA dropout, so an interrupted run
-can be compared with an uninterrupted one bit for bit). The reference run and the preempted run are
-submitted together and run side by side on n1 and n2. Timings are printed (`pytest -s`).
+can be compared with an uninterrupted one bit for bit). Each reference run and its preempted run are
+submitted together and run side by side. Timings are printed (`pytest -s`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 HOSTILE_NAME = 'x"; rm -rf ~; "'
 STEPS = 30
+TWO_NODE_STEPS = 12
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 
@@ -88,6 +90,13 @@ def reference(slurm_cluster, data, tmp_path_factory) -> tuple[str, Path]:
     job_id = re.fullmatch(r"submitted job (\d+)\n", proc.stdout).group(1)
     assert (out / "slurm-job-id").read_text().strip() == job_id
     return job_id, out
+
+
+@pytest.fixture(scope="module")
+def two_node_reference(slurm_cluster, data, tmp_path_factory) -> tuple[str, Path]:
+    """An uninterrupted job on n1 and n2, one process each (not waited for here)."""
+    out = tmp_path_factory.mktemp("two-node-reference") / "out"
+    return submit_job(out, data, steps=TWO_NODE_STEPS, nodes=2, nproc_per_node=1, time="10"), out
 
 
 def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(reference, data, tmp_path):
@@ -155,12 +164,45 @@ def test_time_limit_checkpoints_before_the_kill_and_continues_after_requeue(slur
     assert info["JobState"] == "CANCELLED" and job_info(job_id)["JobState"] == "CANCELLED", job_log(out)
 
 
-def test_two_node_job_meets_on_the_first_node_and_finishes(slurm_cluster, data, tmp_path):
+def test_two_node_job_preempted_then_terminated_checkpoints_requeues_and_matches(two_node_reference, data, tmp_path):
+    """The stop crosses srun as USR1 (srun answers TERM by SIGKILLing its tasks) and torchrun forwards it.
+    A TERM to the batch shell behind the warning, while the training still stops, keeps the requeue."""
     out = tmp_path / "out"
-    job_id = submit_job(out, data, steps=8, nodes=2, nproc_per_node=1, time="10")
+    job_id = submit_job(out, data, steps=TWO_NODE_STEPS, nodes=2, nproc_per_node=1, time="10")
+    wait_for(lambda: len(steps_logged(out)) >= 3, out, "step 3")
+
+    t_signal = time.time()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    # Two scancels in a row may reach the shell in either order: the kill follows the warning.
+    wait_for(lambda: "SIGUSR1: asking the training" in job_log(out), out, "the warning to reach the shell")
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], check=True)
+    (ckpt,) = wait_for(lambda: complete_checkpoints(out), out, "the preemption checkpoint", timeout=120)
+    t_checkpoint = (ckpt / "COMPLETE").stat().st_mtime
+    saved_step = int(ckpt.name.removeprefix("step-"))
+    info = wait_done(job_id, out)
+    log = job_log(out)
+    first_run = log.split("SLURM_RESTART_COUNT=1")[0]
+    assert re.search(r"SIGTERM: .*the job will requeue\n(.*\n)*.*training exited", first_run), log
+    assert "forcing job termination" not in log and "Killed" not in log, log
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert re.search(rf"resumed from \S+step-0*{saved_step} at step {saved_step} ", log), log
+    assert steps_logged(out) == list(range(1, TWO_NODE_STEPS + 1))
+
+    ref_id, ref_out = two_node_reference
+    assert wait_done(ref_id, ref_out)["JobState"] == "COMPLETED", job_log(ref_out)
+    assert losses(out) == losses(ref_out)
+    a, b = adapter(out), adapter(ref_out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "final adapters differ"
+    print(f"\ntwo nodes: preemption signal -> checkpoint step {saved_step} complete on disk "
+          f"{t_checkpoint - t_signal:.1f}s")
+
+
+def test_two_node_job_meets_on_the_first_node_and_finishes(two_node_reference):
+    job_id, out = two_node_reference
     info = wait_done(job_id, out)
     log = job_log(out)
     assert info["JobState"] == "COMPLETED" and info["NodeList"] == "n[1-2]", log
     assert re.search(r"rendezvous at 127\.0\.0\.2:\d+", log), log  # n1's NodeAddr, not its name
     assert re.search(r"\(lora, fp32, \w+ attention, strategy ddp, 2 ranks\)", log), log
-    assert (out / "final" / "adapter_model.safetensors").is_file() and steps_logged(out) == list(range(1, 9))
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert steps_logged(out) == list(range(1, TWO_NODE_STEPS + 1))

@@ -125,6 +125,25 @@ def test_zero_init_builds_the_weights_in_the_dtype_they_load_in(train_type, prec
     assert init.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[init_dtype]
 
 
+def test_zero3_counts_and_groups_its_placeholder_parameters_by_their_real_shape(tiny_llama, process_group):
+    """ZeRO-3 builds the model partitioned: each parameter here is an empty placeholder. The strategy's
+    param_shape gives the parameter counts and weight-decay groups of the model loaded whole."""
+    from swiftdist.distributed import init_distributed
+    from swiftdist.model import count_params, load_model
+    from swiftdist.strategies.base import param_groups
+
+    cfg = parse_config(["--strategy", "zero3", "--train-type", "full", "--model", str(tiny_llama)])
+    strategy = get_strategy_class("zero3")(cfg, init_distributed(), "fp32")
+    partitioned, whole = strategy.build_model(tiny_llama), load_model(cfg.model, tiny_llama, "fp32")
+
+    def group_sizes(groups):
+        return [len(g["params"]) for g in groups]
+
+    assert count_params(partitioned) == (0, 0)  # what the placeholders' own shapes say
+    assert count_params(partitioned, strategy.param_shape) == count_params(whole)
+    assert group_sizes(param_groups(partitioned, cfg, strategy.param_shape)) == group_sizes(param_groups(whole, cfg))
+
+
 def test_a_missing_deepspeed_config_is_a_one_line_error(tmp_path):
     cfg = parse_config(["--strategy", "zero2", "--deepspeed-config", str(tmp_path / "nope.json")])
     with pytest.raises(SwiftdistError, match="nope.json: cannot read it"):
