@@ -248,7 +248,8 @@ def plot(after: dict, before: dict | None, path: Path, labels: tuple[str, str]) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("scores (higher is better)", SCORES), ("loss", ("loss",)), ("perplexity", ("perplexity",))]
+    panels = [("scores (higher is better)", SCORES), ("loss (lower is better)", ("loss",)),
+              ("perplexity (lower is better)", ("perplexity",))]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1, 1]})
     runs = [(labels[0], before), (labels[1], after)] if before else [(labels[1], after)]
     width = 0.8 / len(runs)

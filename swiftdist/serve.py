@@ -147,9 +147,9 @@ class TransformersBackend:
 
         lm, self.tokenizer = load_for_inference(model, None, trust_remote_code)
         self.base_name = base_name
-        for name, path in adapters.items():
+        for i, (name, path) in enumerate(adapters.items()):
             try:
-                if name == next(iter(adapters)):
+                if i == 0:  # the first adapter makes the peft model; the others join it
                     from peft import PeftModel
 
                     lm = PeftModel.from_pretrained(lm, str(path), adapter_name=name)
