@@ -25,6 +25,8 @@ class Strategy(ABC):
     name: ClassVar[str]
     checkpoint_format: ClassVar[str]
     """What save() writes (e.g. "dcp"); a resume refuses a checkpoint of another format with a clear reason."""
+    runs_hf_model: ClassVar[bool] = True
+    """Trains the transformers model itself (megatron builds its own), so --sequence-parallel can reroute its attention."""
     owned_flags: ClassVar[dict[str, str]] = {}
     """Flags (ParallelConfig fields) that only this strategy family reads, each with the reason every other
     strategy refuses it when it is set (there it would be silently ignored)."""

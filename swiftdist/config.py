@@ -118,6 +118,10 @@ class ParallelConfig:
     """Tensor-parallel size (megatron)."""
     pp: int = 1
     """Pipeline-parallel size (megatron)."""
+    sequence_parallel: int = 1
+    """Ulysses sequence parallelism: groups of N ranks hold 1/N of every sequence each, for long
+    contexts (data-parallel size = world size / N). N must divide the world size and the model's
+    attention and KV head counts."""
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON to use instead of the generated one (zero* strategies)."""
     gpu_memory: float = 0.0
@@ -364,6 +368,7 @@ RANGES = [
     ("data.max_length", lambda v: v >= 1, ">= 1"),
     ("parallel.tp", lambda v: v >= 1, ">= 1"),
     ("parallel.pp", lambda v: v >= 1, ">= 1"),
+    ("parallel.sequence_parallel", lambda v: v >= 1, ">= 1"),
     ("model.lora_rank", lambda v: v >= 1, ">= 1"),
     ("log.log_steps", lambda v: v >= 1, ">= 1"),
     ("train.lr", lambda v: v > 0, "> 0"),

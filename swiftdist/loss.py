@@ -31,6 +31,12 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
 
+def batch_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What each position of a batch predicts: `shift_labels` when the batch was shifted before it was
+    cut (a sequence-parallel slice, whose last token predicts the next slice's first), else its labels shifted."""
+    return batch["shift_labels"] if "shift_labels" in batch else shifted_targets(batch["labels"])
+
+
 def label_count(labels: torch.Tensor) -> torch.Tensor:
     """How many positions of a batch the loss counts."""
     return (shifted_targets(labels) != IGNORE).sum()
@@ -41,9 +47,9 @@ def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[st
 
     `model` is the module to call (any strategy's wrapper), `head` its LM head (output_head).
     """
-    targets = shifted_targets(batch["labels"])
+    targets = batch_targets(batch)
     labelled = targets != IGNORE
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
     # A pre-hook, not a slice of the returned logits: the head must never see the other positions.
     # It runs inside the model's own forward, so every wrapper's hooks (FSDP, ZeRO-3) still apply.
     handle = head.register_forward_pre_hook(lambda _, args: (args[0][labelled].unsqueeze(0),))

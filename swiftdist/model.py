@@ -186,6 +186,13 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tok
 
 
+def load_model_config(path: Path, trust_remote_code: bool):
+    """The model's HF config alone (no weights): shapes that decide what is possible before loading."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def qlora_config(compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 

@@ -15,17 +15,18 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from swiftdist import preemption
+from swiftdist import preemption, sequence_parallel
 from swiftdist.checkpoint import Checkpointer, run_identity
 from swiftdist.config import RunConfig, save_config
 from swiftdist.data import IGNORE, Sample, StepSampler, build_datasets, collate
 from swiftdist.distributed import DistInfo, any_rank
 from swiftdist.errors import SwiftdistError
-from swiftdist.loss import label_count
+from swiftdist.loss import batch_targets
 from swiftdist.metrics import Metrics, peak_memory_gib
-from swiftdist.model import (count_params, load_tokenizer, resolve_attn_impl, resolve_model_path, resolve_precision,
+from swiftdist.model import (count_params, load_model_config, load_tokenizer, resolve_attn_impl, resolve_model_path, resolve_precision,
                              weight_dtype)
 from swiftdist.schedule import lr_at
+from swiftdist.sequence_parallel import SequenceParallel
 from swiftdist.strategies import get_strategy_class
 
 log = logging.getLogger("swiftdist")
@@ -38,8 +39,9 @@ class Trainer:
         self.output_dir = Path(cfg.checkpoint.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)  # by every rank: each may write its sample log first
         self.precision = resolve_precision(cfg.train.precision)
-        self.strategy = self._setup_strategy()
         model_path = resolve_model_path(cfg.model.model)
+        self.strategy = self._setup_strategy(model_path)
+        self.sp = SequenceParallel.setup(cfg.parallel.sequence_parallel)
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         self.checkpointer = Checkpointer(cfg, dist_info, self.strategy, self.tokenizer)
         found = self.checkpointer.find()
@@ -47,10 +49,13 @@ class Trainer:
         identity = run_identity(model_path, cfg.data, cfg.train.seed, self.data.sources, self.data.train)
         same_data = found is None or self.checkpointer.check_data(*found, identity)  # refused before the model loads
         # `auto` becomes the implementation this run uses (config.yaml records it): it depends on the rows.
-        cfg.model.attn_impl = resolve_attn_impl(cfg.model.attn_impl, max(len(s.input_ids) for s in self.data.train))
+        cfg.model.attn_impl = resolve_attn_impl(cfg.model.attn_impl, max(len(s.input_ids) for s in self.data.train),
+                                                precision=self.precision)
         trainable, total = self._setup_model(model_path)
+        # The ranks of a sequence-parallel group read the same samples, each its slice of them.
+        self.data_rank, self.data_size = self.sp.data_rank(self.strategy.dp_rank), self.sp.data_size(self.strategy.dp_size)
         self.sampler = StepSampler(len(self.data.train), cfg.train.seed, cfg.train.batch_size,
-                                   cfg.train.grad_accum, self.strategy.dp_rank, self.strategy.dp_size)
+                                   cfg.train.grad_accum, self.data_rank, self.data_size)
         self.state = self.checkpointer.new_state(model_path, str(weight_dtype(cfg.model, self.precision))
                                                  .removeprefix("torch."), identity)
         if found:
@@ -68,12 +73,14 @@ class Trainer:
                      len(self.data.train), len(self.data.val), self.sampler.global_batch,
                      self.total_steps - self.state.step)
 
-    def _setup_strategy(self):
+    def _setup_strategy(self, model_path: Path):
         cls = get_strategy_class(self.cfg.parallel.strategy).resolve(self.cfg, self.precision, self.dist)
         reason = cls.refusal(self.cfg, self.precision)
         if reason:
             raise SwiftdistError(f"--strategy {cls.name} --train-type {self.cfg.model.train_type} "
                                  f"--precision {self.precision}: {reason}")
+        sequence_parallel.check(self.cfg.parallel.sequence_parallel, self.dist.world_size,
+                                load_model_config(model_path, self.cfg.model.trust_remote_code), cls.runs_hf_model)
         return cls(self.cfg, self.dist, self.precision)
 
     def _setup_model(self, model_path: Path) -> tuple[int, int]:
@@ -82,6 +89,7 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         model = self.strategy.build_model(model_path)
         counts = count_params(model)
+        self.sp.apply(model)
         self.strategy.wrap(model)
         return counts
 
@@ -148,8 +156,8 @@ class Trainer:
         micro_batches, seeds, n_labels, n_tokens = [], [], 0, 0
         for position, idx in chosen:
             batch = self._host_batch([train[i] for i in idx])
-            n_labels += label_count(batch["labels"]).item()
-            n_tokens += sum(len(train[i].input_ids) for i in idx)
+            n_labels += (batch_targets(batch) != IGNORE).sum().item()
+            n_tokens += sum(len(train[i].input_ids) for i in idx) / self.sp.size  # a group shares its samples
             micro_batches.append(self._on_device(batch))
             # Dropout randomness derives from the sample's position in the run, so a resumed run (on
             # any number of ranks, same micro-batch size) draws what the uninterrupted one would have.
@@ -164,8 +172,8 @@ class Trainer:
         still joins the collectives, with one padding token whose label is ignored."""
         pad = self.tokenizer.pad_token_id
         # flash-attention takes a micro-batch as one row with explicit sample boundaries: no padding at all.
-        return collate(samples or [Sample([pad], [IGNORE], [0], [])], pad, self.cfg.data.packing,
-                       padding_free=self.cfg.model.attn_impl == "flash_attention_2")
+        return self.sp.shard(collate(samples or [Sample([pad], [IGNORE], [0], [])], pad, self.cfg.data.packing,
+                                     padding_free=self.strategy.runs_hf_model and self.cfg.model.attn_impl == "flash_attention_2"))
 
     def _on_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -184,15 +192,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         val, bs = self.data.val, self.cfg.train.batch_size
-        mine = val[self.strategy.dp_rank::self.strategy.dp_size]
-        n_batches = -(-len(val[0::self.strategy.dp_size]) // bs)  # every rank runs as many forwards (ZeRO-3 gathers)
+        mine = val[self.data_rank::self.data_size]
+        n_batches = -(-len(val[0::self.data_size]) // bs)  # every rank runs as many forwards (ZeRO-3 gathers)
         loss_sum = torch.zeros((), device=self.dist.device)
         tokens = torch.zeros((), device=self.dist.device)
         self.strategy.model.eval()
         for i in range(n_batches):
             batch = self._on_device(self._host_batch(mine[i * bs:(i + 1) * bs]))
             loss_sum += self.strategy.forward_loss_sum(batch)
-            tokens += label_count(batch["labels"])
+            tokens += (batch_targets(batch) != IGNORE).sum()
         self.strategy.model.train()
         return (self.strategy.all_reduce_dp(loss_sum) / self.strategy.all_reduce_dp(tokens.float())).item()
 
