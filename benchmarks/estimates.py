@@ -13,7 +13,7 @@ def estimated_gib(model: str, spec: BenchSpec, strategies: list[str], world_size
     for the strategies the estimator knows (megatron has no formula yet). On CPU the "host" memory
     that offloading strategies move state to is the same memory, so it counts in both figures."""
     from swiftdist.config import ModelConfig
-    from swiftdist.estimate import estimate, model_stats
+    from swiftdist.memory import estimate, model_stats
 
     cfg = ModelConfig(train_type=spec.train_type, lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha,
                       lora_dropout=spec.lora_dropout, gradient_checkpointing=spec.gradient_checkpointing)

@@ -30,6 +30,19 @@ def get_strategy_class(name: str):
     return getattr(importlib.import_module(f"swiftdist.strategies.{module}"), cls)
 
 
+def choose(cfg, precision: str, dist_info):
+    """The strategy class that runs `cfg`: --strategy looked up (`auto` picks one by memory), or a
+    SwiftdistError saying why it cannot run this train type x precision x layout."""
+    from swiftdist.strategies import auto
+
+    name = cfg.parallel.strategy
+    cls = auto.choose(cfg, precision, dist_info) if name == "auto" else get_strategy_class(name)
+    reason = cls.refusal(cfg, precision)
+    if reason:
+        raise SwiftdistError(f"--strategy {cls.name} --train-type {cfg.model.train_type} --precision {precision}: {reason}")
+    return cls
+
+
 def owned_flags() -> dict[str, str]:
     """Every strategy's owned_flags: flag -> the reason the other strategies refuse it."""
     flags = {}

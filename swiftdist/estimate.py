@@ -1,183 +1,13 @@
 """`swiftdist estimate`: memory per device for each strategy, before launching anything.
 
-Works from a model config alone (a model dir, a config.json, or an alias): no weights are read and
-no memory is allocated. Parameter counts and activation sizes are *measured* on the real HF
-architecture (with the LoRA adapters applied) under FakeTensorMode, which runs the forward pass
-with shapes and dtypes but no data; every tensor autograd saves for backward is counted. Only a
-1- and a 2-layer copy of the model are run, and the layer count is extrapolated (decoder layers
-are identical), so a 70B config takes seconds. Every token counts as labelled, so the LM head's
-activations are an upper bound: training computes logits only at labelled positions (swiftdist.loss).
-
-What each strategy keeps per device, from these counts, is each strategy's `memory_estimate`.
-"""
+The table of what swiftdist.memory computes from a model config alone (no weights are read and no
+memory is allocated), in the order `--strategy auto` tries the strategies."""
 
 from __future__ import annotations
 
 import argparse
-import copy
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
-from swiftdist.config import ModelConfig
-from swiftdist.errors import SwiftdistError
-
-GIB = 2**30
-# NF4 with double quantisation: 4 bits per weight, one 8-bit absmax per 64 weights, and one fp32
-# scale per 256 absmax blocks.
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-# Strategy preference for `auto`, cheapest (fastest) first: offloading and gathering cost time.
-PREFERENCE = ["ddp", "zero2", "fsdp", "zero3", "zero2-offload", "fsdp-offload", "zero3-offload"]
-
-
-@dataclass
-class ModelStats:
-    """What the strategies' memory formulas need to know about one training setup."""
-
-    n_params: int
-    """All parameters, adapters included."""
-    n_trainable: int
-    n_quantized: int
-    """Weights stored in 4 bits (QLoRA: every linear layer but the output head)."""
-    n_layers: int
-    layer_params: int
-    """Parameters of one decoder layer: what FSDP and ZeRO-3 gather at a time."""
-    layer_trainable: int
-    hidden_size: int
-    weight_bytes: int
-    """Bytes per frozen (non-quantized) weight as loaded: 2 for bf16, 4 for fp32."""
-    trainable_bytes: int
-    """Bytes per trainable weight as loaded (LoRA adapters and fully trained weights stay fp32 by default)."""
-    compute_bytes: int
-    """2 when computing in bf16, else 4: the dtype FSDP gathers layers in."""
-    activations: int
-    """Bytes autograd saves for backward in one micro-batch."""
-
-    @property
-    def frozen_bytes(self) -> float:
-        plain = self.n_params - self.n_trainable - self.n_quantized
-        return plain * self.weight_bytes + self.n_quantized * NF4_BYTES
-
-    @property
-    def loaded_bytes(self) -> float:
-        """The whole model as the trainer loads it."""
-        return self.frozen_bytes + self.n_trainable * self.trainable_bytes
-
-
-def _hf_config(model: str):
-    """The HF config of a model dir, an alias, or a bare config.json file."""
-    import json
-
-    from transformers import AutoConfig
-
-    path = Path(model).expanduser()
-    if path.is_file():
-        try:
-            fields = json.loads(path.read_text())
-            return AutoConfig.for_model(fields.pop("model_type"), **fields)
-        except (json.JSONDecodeError, KeyError, ValueError) as e:
-            raise SwiftdistError(f"--model {path}: not a usable HF model config ({type(e).__name__}: {e})") from None
-    from swiftdist.model import resolve_model_path
-
-    return AutoConfig.from_pretrained(resolve_model_path(model))
-
-
-def _with_layers(hf_config, n: int):
-    cfg = copy.deepcopy(hf_config)
-    cfg.num_hidden_layers = n
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:n]
-    return cfg
-
-
-def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int, micro_batch: int) -> dict:
-    """Parameter counts and saved-activation bytes of `hf_config` under FakeTensorMode."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
-
-    from swiftdist.model import lora_target_modules
-
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        # Parameters (and views of them) are counted as parameters, not activations.
-        if not isinstance(t, torch.nn.Parameter) and not isinstance(t._base, torch.nn.Parameter):
-            storage = t.untyped_storage()
-            saved[storage._cdata] = storage.nbytes()
-        return t
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
-        model.config.use_cache = False
-        output = model.get_output_embeddings()
-        n_quantized = 0
-        if model_cfg.train_type == "qlora":  # bitsandbytes quantizes every linear layer but the head
-            n_quantized = sum(m.weight.numel() for m in model.modules()
-                              if isinstance(m, torch.nn.Linear) and m is not output)
-        if model_cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if model_cfg.train_type != "full":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(
-                r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
-                target_modules=lora_target_modules(model, list(model_cfg.target_modules)), task_type="CAUSAL_LM"))
-            if model_cfg.gradient_checkpointing:
-                model.enable_input_require_grads()
-        model.train()
-    counts = {  # before to_empty(), which would untie tied embeddings
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "quantized": n_quantized,
-    }
-    # Fake CPU tensors rather than bare meta ones: transformers skips its data-dependent mask checks
-    # for them, and attention dispatches to the fused kernel (no seq x seq matrix), as on a GPU.
-    # The trainer's forward runs under bf16 autocast, which decides what dtype saved tensors have.
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    with FakeTensorMode(allow_non_fake_inputs=True), autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.to_empty(device="cpu")
-        ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
-        model(input_ids=ids, labels=ids)
-    return {**counts, "activations": sum(saved.values())}
-
-
-def model_stats(model: str, model_cfg: ModelConfig, precision: str, seq_len: int, micro_batch: int) -> ModelStats:
-    """Counts for the whole model from a 1-layer and a 2-layer copy (the layers are identical)."""
-    from swiftdist.model import weight_dtype
-
-    hf_config = _hf_config(model)
-    n_layers = hf_config.num_hidden_layers
-    compute = torch.bfloat16 if precision == "bf16" else torch.float32
-    one, two = (_measure(_with_layers(hf_config, n), model_cfg, compute, seq_len, micro_batch) for n in (1, 2))
-    whole = {k: one[k] + (n_layers - 1) * (two[k] - one[k]) for k in one}
-    weight = weight_dtype(model_cfg, precision).itemsize
-    return ModelStats(
-        n_params=whole["params"], n_trainable=whole["trainable"], n_quantized=whole["quantized"],
-        n_layers=n_layers, layer_params=two["params"] - one["params"],
-        layer_trainable=two["trainable"] - one["trainable"], hidden_size=hf_config.hidden_size,
-        weight_bytes=weight, trainable_bytes=4 if model_cfg.train_type != "full" else weight,
-        compute_bytes=compute.itemsize, activations=whole["activations"],
-    )
-
-
-def estimate(stats: ModelStats, strategy: str, world_size: int) -> dict[str, float]:
-    """Bytes per device: params, buffers, grads, optimizer, activations, total, host (offloaded)."""
-    from swiftdist.strategies import get_strategy_class
-
-    parts = dict(get_strategy_class(strategy).memory_estimate(stats, world_size))
-    parts["activations"] = stats.activations
-    parts["total"] = sum(parts[k] for k in ("params", "buffers", "grads", "optimizer", "activations"))
-    return parts
-
-
-def device_memory_bytes(device: torch.device) -> int:
-    """Memory of one device; on a CPU host, the host's memory shared by the local ranks."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+from swiftdist.memory import GIB, ModelStats, estimate, model_stats
 
 
 def table(stats: ModelStats, strategies: list[str], world_size: int, gpu_memory_gib: float | None,
@@ -204,6 +34,7 @@ def _size(n: float) -> str:
 def main(argv: list[str]) -> int:
     from swiftdist.config import RunConfig
     from swiftdist.strategies import get_strategy_class, names
+    from swiftdist.strategies.auto import PREFERENCE
 
     parser = argparse.ArgumentParser(prog="swiftdist estimate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="HF model dir, its config.json, or an alias")

@@ -175,7 +175,7 @@ def test_offload_keeps_optimizer_state_off_the_compute_device(held):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3", "zero2-offload", "fsdp-offload", "zero3-offload"])
 def test_estimate_matches_the_state_each_rank_holds(held, strategy):
     from swiftdist.config import ModelConfig
-    from swiftdist.estimate import estimate, model_stats
+    from swiftdist.memory import estimate, model_stats
 
     stats = model_stats("tiny-llama", ModelConfig(train_type="full"), "bf16", 64, 2)
     parts, unloaded = estimate(stats, strategy, 2), estimate(stats, strategy.removesuffix("-offload"), 2)

@@ -8,7 +8,7 @@ import torch
 from swiftdist.config import ModelConfig, RunConfig, parse_config
 from swiftdist.distributed import DistInfo
 from swiftdist.errors import SwiftdistError
-from swiftdist.strategies import get_strategy_class, names, support_matrix
+from swiftdist.strategies import choose, get_strategy_class, names, support_matrix
 from tests.helpers import REPO
 
 SHARDED = ["fsdp", "fsdp-offload", "zero2", "zero2-offload", "zero3", "zero3-offload"]
@@ -154,7 +154,7 @@ def test_a_missing_deepspeed_config_is_a_one_line_error(tmp_path):
 
 
 def _stats(model, train_type, precision="bf16", seq_len=64, micro_batch=2, **model_flags):
-    from swiftdist.estimate import model_stats
+    from swiftdist.memory import model_stats
 
     cfg = RunConfig()
     cfg.model.train_type = train_type
@@ -205,7 +205,7 @@ def test_a_7b_config_alone_is_enough():
     assert stats.n_params - stats.n_trainable == 7_615_616_512  # Qwen2.5-7B's published size
     llama = _stats(REPO / "configs/models/llama3-8b.json", "full", seq_len=16, micro_batch=1)
     assert llama.n_params == 8_030_261_248  # Llama-3-8B's
-    from swiftdist.estimate import estimate
+    from swiftdist.memory import estimate
 
     one_gpu = estimate(stats, "ddp", 1)
     # 4-bit weights (~3.8 GiB with the bf16 embeddings and head) plus checkpointed activations:
@@ -225,7 +225,7 @@ def test_estimate_prints_every_strategy_and_what_fits(capsys):
 
 
 def test_sharding_divides_the_state_and_offload_moves_it_to_the_host(tiny_llama):
-    from swiftdist.estimate import estimate
+    from swiftdist.memory import estimate
 
     stats = _stats(tiny_llama, "full")
     ddp, fsdp, zero3 = (estimate(stats, s, 2) for s in ("ddp", "fsdp", "zero3"))
@@ -242,11 +242,18 @@ def test_sharding_divides_the_state_and_offload_moves_it_to_the_host(tiny_llama)
 def _auto(tiny_llama, gpu_memory_gib):
     cfg = parse_config(["--model", str(tiny_llama), "--train-type", "full", "--strategy", "auto",
                         "--max-length", "64", "--batch-size", "2", "--gpu-memory", str(gpu_memory_gib)])
-    return get_strategy_class("auto").resolve(cfg, "bf16", TWO_RANKS)
+    return choose(cfg, "bf16", TWO_RANKS)
+
+
+def test_choose_looks_up_the_strategy_and_refuses_what_it_cannot_run():
+    assert choose(parse_config(["--strategy", "fsdp"]), "bf16", TWO_RANKS) is get_strategy_class("fsdp")
+    with pytest.raises(SwiftdistError, match=r"^--strategy megatron --train-type qlora --precision bf16: megatron-core "
+                                             r"has no 4-bit linear layers"):
+        choose(parse_config(["--strategy", "megatron", "--train-type", "qlora"]), "bf16", TWO_RANKS)
 
 
 def test_auto_takes_the_first_strategy_that_fits(tiny_llama):
-    from swiftdist.estimate import GIB, estimate
+    from swiftdist.memory import GIB, estimate
     from swiftdist.strategies.auto import HEADROOM
 
     stats = _stats(tiny_llama, "full")
@@ -263,7 +270,7 @@ def test_auto_says_what_to_do_when_nothing_fits(tiny_llama):
 
 
 def test_every_registered_strategy_estimates_memory():
-    from swiftdist.estimate import PREFERENCE
+    from swiftdist.strategies.auto import PREFERENCE
 
     # auto may pick any of them but megatron, which needs a --tp/--pp layout chosen by the user.
     assert set(PREFERENCE) == set(names()) - {"auto", "megatron"}
