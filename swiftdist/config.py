@@ -353,13 +353,6 @@ def explicitly_set(argv: list[str]) -> set[str]:
     return {dotted for path in configs for dotted, _ in _read_yaml(path)} | {dotted for dotted, _ in pairs}
 
 
-def explicitly_set(argv: list[str]) -> set[str]:
-    """Dotted keys that the arguments or their presets set, whatever the value: tells an explicit
-    `--save-steps 0` from the default."""
-    configs, pairs = _split_argv(argv)
-    return {dotted for path in configs for dotted, _ in _read_yaml(path)} | {dotted for dotted, _ in pairs}
-
-
 # (dotted path, test, what it must be) for numbers with a range; the choices are in CHOICES.
 RANGES = [
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
