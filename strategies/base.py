@@ -137,7 +137,7 @@ class Strategy(ABC):
         for i, (batch, seed) in enumerate(zip(micro_batches, seeds)):
             torch.manual_seed(seed)
             with self.no_sync(i == len(micro_batches) - 1), self.autocast():
-                loss = token_loss_sum(self.model, self.head, batch) / num_items
+                loss = token_loss_sum(self.model, self.head, batch, self.cfg.train.loss_chunk_size) / num_items
             self.backward(loss)
             total += loss.detach().float()
         return self.all_reduce_dp(total) / self.dp_size
@@ -146,7 +146,7 @@ class Strategy(ABC):
     def forward_loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed token loss of one batch, without gradients (evaluation)."""
         with self.autocast():
-            return token_loss_sum(self.model, self.head, batch)
+            return token_loss_sum(self.model, self.head, batch, self.cfg.train.loss_chunk_size)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -50,7 +50,14 @@ class ModelConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module name suffixes to adapt, or `all-linear` (every linear layer but the LM head)."""
     gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward pass: less memory, more compute."""
+    """Recompute activations in the backward pass instead of keeping them: less memory, more compute
+    (--checkpointing-mode says how much)."""
+    checkpointing_mode: str = "full"
+    """With --gradient-checkpointing: full (each decoder layer's forward runs again: the least memory)
+    or selective (keeps the matmul and attention outputs, recomputes the cheap rest)."""
+    activation_offload: bool = False
+    """With --gradient-checkpointing: keep what is saved for the recompute (each decoder layer's input)
+    in host memory, copied back in the backward pass. On a CPU host it is there already (a no-op)."""
 
 
 @dataclass
@@ -107,6 +114,9 @@ class TrainConfig:
     """Seeds the data order, the validation split, `#N` sampling and dropout."""
     eval_steps: int = 0
     """Evaluate every N steps (0: only at the end, when there is a validation split)."""
+    loss_chunk_size: int = 1024
+    """Labelled positions per LM-head call in the loss: at most this many rows of vocabulary-wide
+    logits exist at once (0: all at once, for a model that changes its logits after the head)."""
 
 
 @dataclass
@@ -176,6 +186,7 @@ CHOICES = {
     "model.torch_dtype": ("auto", "bfloat16", "float32"),
     "model.attn_impl": ("auto", "sdpa", "eager", "flash_attention_2"),
     "model.train_type": ("full", "lora", "qlora"),
+    "model.checkpointing_mode": ("full", "selective"),
     "data.format": ("auto", "messages", "sharegpt", "alpaca"),
     "data.truncation": ("truncate", "drop"),
     "train.scheduler": ("cosine", "linear", "constant"),
@@ -374,6 +385,7 @@ RANGES = [
     ("train.weight_decay", lambda v: v >= 0, ">= 0"),
     ("train.max_grad_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
     ("train.eval_steps", lambda v: v >= 0, ">= 0"),
+    ("train.loss_chunk_size", lambda v: v >= 0, ">= 0 (0: the whole loss at once)"),
     ("checkpoint.save_steps", lambda v: v >= 0, ">= 0"),
     ("checkpoint.save_minutes", lambda v: v >= 0, ">= 0"),
     ("checkpoint.save_total_limit", lambda v: v >= 0, ">= 0"),
@@ -401,6 +413,11 @@ def validate(cfg: RunConfig) -> None:
             problems.append(f"log.report_to: unknown sink {sink!r} ({', '.join(SINKS)})")
     if not cfg.data.dataset:
         problems.append("data.dataset: give at least one dataset")
+    if not cfg.model.gradient_checkpointing:
+        if cfg.model.checkpointing_mode != "full":
+            problems.append(f"model.checkpointing_mode={cfg.model.checkpointing_mode} needs --gradient-checkpointing")
+        if cfg.model.activation_offload:
+            problems.append("model.activation_offload moves what checkpointing saves; it needs --gradient-checkpointing")
     if problems:
         raise SwiftdistError("invalid config: " + "; ".join(problems))
 

@@ -1,19 +1,35 @@
-"""The training loss: cross-entropy summed over label tokens, with logits computed only where a label is.
+"""The training loss: cross-entropy summed over label tokens, computed chunk by chunk of labelled positions.
 
 A chat sample's labels cover the assistant's replies only (about 40% of the tokens of the built-in
 data, and none of the padding). The LM head's logits, vocabulary-wide and upcast to fp32 for the
 loss, are the largest activation of a small model; with Qwen2.5's 152k vocabulary one 2048-token
 row's logits are 1.2 GB in fp32. So the LM head is given the hidden states of labelled positions
-only, which yields the same loss and gradients for less compute and memory.
+only, and those `chunk_size` at a time: at most [chunk_size x vocab] logits exist at once, whatever
+the sequence length (torchtune's CEWithChunkedOutputLoss, Liger's fused linear cross-entropy,
+DeepSpeed's TiledFusedLogitsLoss do the same). Each chunk's gradients are taken right after its
+loss, in the forward pass, so nothing is recomputed and the head costs the matmuls it always did.
+
+The loss is computed *inside* the LM head's call (a pre-hook takes the hidden states, a forward
+hook returns the loss as the head's output), so a wrapper that gathers the head's weight around that
+call (FSDP2, ZeRO-3) has it gathered while the loss needs it, and sees the loss as the head's output
+to hook its backward on.
 """
 
 from __future__ import annotations
+
+import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from swiftdist.data import IGNORE
 from swiftdist.errors import SwiftdistError
+
+# Labelled positions per LM-head chunk. At 1024 an fp32 chunk of logits is 200 MB for SmolLM2's 49k
+# vocabulary (620 MB for Qwen2.5's 152k), a few times that with its softmax and gradient, and the
+# head's matmul is still large enough to run at full speed.
+DEFAULT_CHUNK = 1024
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,19 +58,103 @@ def label_count(labels: torch.Tensor) -> torch.Tensor:
     return (shifted_targets(labels) != IGNORE).sum()
 
 
-def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed fp32 cross-entropy of `head_forward(hidden)` against `targets`, `chunk_size` rows at a time.
+
+    `params` are the head's trainable parameters (none for LoRA, whose head is frozen): they are
+    inputs so that their gradients reach autograd (and every wrapper's gradient hooks) in backward.
+    Gradients are computed per chunk during forward and only scaled in backward, so a chunk's
+    logits, softmax and logit gradients are freed before the next chunk starts.
+    """
+
+    @staticmethod
+    def forward(ctx, head_forward, chunk_size: int, hidden: torch.Tensor, targets: torch.Tensor, *params):
+        wrt = [t for t in (hidden, *params) if t.requires_grad]
+        grads = [torch.zeros_like(t) for t in wrt]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(targets), chunk_size):
+            rows = hidden[start:start + chunk_size]
+            if hidden.requires_grad:
+                rows = rows.detach().requires_grad_()
+            with torch.enable_grad():
+                loss = F.cross_entropy(head_forward(rows).float(), targets[start:start + chunk_size], reduction="sum")
+            if wrt:
+                chunk_grads = torch.autograd.grad(loss, [rows, *params] if hidden.requires_grad else list(params))
+                if hidden.requires_grad:
+                    grads[0][start:start + chunk_size] = chunk_grads[0]
+                    chunk_grads = chunk_grads[1:]
+                for total_grad, grad in zip(grads[hidden.requires_grad:], chunk_grads):
+                    total_grad += grad
+            total += loss.detach()
+        ctx.hidden_needs_grad = hidden.requires_grad
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        hidden_grad = grads.pop(0) if ctx.hidden_needs_grad else None
+        # Parameters that do not require grad were left out of `grads`; autograd ignores their slot.
+        param_grads = iter(grads)
+        return (None, None, hidden_grad, None,
+                *(next(param_grads) if needs else None for needs in ctx.needs_input_grad[4:]))
+
+
+def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Summed token cross-entropy of a batch (fp32), as transformers' own loss with reduction "sum".
 
-    `model` is the module to call (any strategy's wrapper), `head` its LM head (output_head).
+    `model` is the module to call (any strategy's wrapper), `head` its LM head (output_head);
+    `chunk_size`: labelled positions per LM-head chunk, or 0 for all of them in one [labelled x
+    vocab] logits tensor, returned through the model as it returns logits (for a model that changes
+    its logits after the head, such as Gemma 2's softcapping, which the chunks cannot follow).
     """
     targets = batch_targets(batch)
     labelled = targets != IGNORE
+    targets = targets[labelled]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
-    # A pre-hook, not a slice of the returned logits: the head must never see the other positions.
-    # It runs inside the model's own forward, so every wrapper's hooks (FSDP, ZeRO-3) still apply.
-    handle = head.register_forward_pre_hook(lambda _, args: (args[0][labelled].unsqueeze(0),))
+    # Hooks rather than a loss on the returned logits: the head must never see the other positions,
+    # and they run inside the head's call, where every wrapper (FSDP, ZeRO-3) has gathered its weight.
+    if not chunk_size:
+        handles = [head.register_forward_pre_hook(lambda _, args: (args[0][labelled].unsqueeze(0),))]
+        with _removed_after(handles):
+            logits = model(**inputs).logits
+        return F.cross_entropy(logits[0].float(), targets, reduction="sum")
+
+    taken: list[torch.Tensor] = []
+    head_output: list[torch.Tensor] = []
+
+    def take_hidden(_, args):
+        taken.append(args[0][labelled])
+        return (args[0][:, :0],)  # no positions: the loss below is computed in place of the logits
+
+    def loss_as_output(module, _, __):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        return ChunkedCrossEntropy.apply(module.forward, chunk_size, taken.pop(), targets, *trainable)
+
+    # The loss hook goes first, so that the wrappers' own post-forward hooks see (and hook their
+    # backward on) the loss; the last hook records what the model then gets from its head.
+    handles = [head.register_forward_pre_hook(take_hidden),
+               head.register_forward_hook(loss_as_output, prepend=True),
+               head.register_forward_hook(lambda _, __, out: head_output.append(out))]
+    with _removed_after(handles):
+        loss = model(**inputs).logits
+    if head not in _VERIFIED_HEADS:
+        if loss.shape != () or not torch.equal(loss, head_output[0]):
+            raise SwiftdistError(f"{type(model).__name__} changes its logits after the LM head (e.g. softcapping "
+                                 "or scaling them), which the chunked loss cannot follow; use --loss-chunk-size 0")
+        _VERIFIED_HEADS.add(head)
+    return loss
+
+
+# Heads whose model was seen to return the head's output unchanged (checked once: it syncs a GPU).
+_VERIFIED_HEADS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def _removed_after(handles):
     try:
-        logits = model(**inputs).logits
+        yield
     finally:
-        handle.remove()
-    return F.cross_entropy(logits[0].float(), targets[labelled], reduction="sum")
+        for handle in handles:
+            handle.remove()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from swiftdist.activations import enable_checkpointing
 from swiftdist.config import ModelConfig
 from swiftdist.errors import SwiftdistError
 from swiftdist.loss import output_head
@@ -253,16 +254,15 @@ def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contex
     if cfg.train_type == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # ours below
         # On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for a faster kernel on no-grad
         # forwards (eval) and unpacks them on state_dict() by re-quantising absmax, which is lossy:
         # the frozen base would drift by ~1e-4 at every eval + checkpoint. Keep one layout.
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model, cfg)
     if cfg.train_type == "full":
         return model
     from peft import LoraConfig, get_peft_model

@@ -1,10 +1,11 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from swiftdist.config import DataConfig
 from swiftdist.data import IGNORE, Conversation, build_samples, collate, pack
 from swiftdist.errors import SwiftdistError
-from swiftdist.loss import output_head, token_loss_sum
+from swiftdist.loss import DEFAULT_CHUNK, output_head, token_loss_sum
 from swiftdist.model import load_tokenizer
 
 
@@ -25,37 +26,105 @@ def model_and_samples(tiny_llama):
     return model, tok, samples
 
 
+def reference_loss_and_grads(model, batch):
+    """transformers' own token-mean loss over every position's logits, back to a sum, and its gradients."""
+    n_labels = (batch["labels"][:, 1:] != IGNORE).sum()
+    loss = model(**batch).loss * n_labels
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1, 5, DEFAULT_CHUNK])
 @pytest.mark.parametrize("packed", [False, True])
-def test_label_only_logits_give_transformers_loss_and_gradients(model_and_samples, packed):
+def test_label_only_logits_give_transformers_loss_and_gradients(model_and_samples, packed, chunk_size):
+    """Whole (0), chunked, one row per chunk (1) and the default: every parameter's gradient, the
+    tied embedding / LM head included, as transformers computes them from all logits at once."""
     model, tok, samples = model_and_samples
     rows = pack(samples, 1024) if packed else samples
     batch = collate(rows, tok.pad_token_id, packed)
-    n_labels = (batch["labels"][:, 1:] != IGNORE).sum()
+    reference, ref_grads = reference_loss_and_grads(model, batch)
 
-    reference = model(**batch).loss * n_labels  # transformers' token-mean loss, back to a sum
-    reference.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    ours = token_loss_sum(model, model.lm_head, batch)
+    ours = token_loss_sum(model, model.lm_head, batch, chunk_size)
     ours.backward()
-    # fp32: the same math on a subset of rows of the LM head's input, so only summation order differs.
+    # fp32: the same math on a subset of rows of the LM head's input; only the order of the sums
+    # differs. The loss: ~1e-7 relative. A gradient summed over n labelled rows in another order
+    # (the head's weight gradient chunk by chunk, and what flows back from it) moves by up to
+    # ~n x 6e-8 of its largest entry: measured 4e-6 with 98 one-row chunks. So each gradient is
+    # held to 1e-5 of its own scale; a real error (a chunk dropped or counted twice, an unscaled
+    # gradient) is >= 1e-2 of it.
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-6)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5 * scale, rtol=1e-5, msg=name)
     model.zero_grad()
+
+
+def test_chunked_loss_gives_lora_gradients_through_a_frozen_head(tiny_llama):
+    """LoRA: the head is frozen, so only the hidden states' gradient comes out of the chunks."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny_llama)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], lora_dropout=0.0,
+                                            init_lora_weights=False))
+    batch = collate(build_samples(tok, [conv("hi", "hello there"), conv("2+2?", "four")], DataConfig()),
+                    tok.pad_token_id, False)
+    reference, ref_grads = reference_loss_and_grads(model, batch)
+    ours = token_loss_sum(model, output_head(model), batch, chunk_size=2)
+    ours.backward()
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-6)  # as above
+    assert ref_grads and {n for n, p in model.named_parameters() if p.grad is not None} == set(ref_grads)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            scale = ref_grads[name].abs().max().item()
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5 * scale, rtol=1e-5, msg=name)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Tensor accounting at the dispatcher: the largest tensor any op allocates (an output on an
+    input's storage, such as the transposed head weight, allocates nothing), forward and backward: a
+    CUDA-free stand-in for torch.cuda.max_memory_allocated that sees every allocation."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_logits_are_computed_for_labelled_positions_only(model_and_samples, packed):
+def test_logits_never_exceed_one_chunk(model_and_samples, packed):
     model, tok, samples = model_and_samples
     batch = collate(pack(samples, 1024) if packed else samples, tok.pad_token_id, packed)
-    seen = []
-    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
-    token_loss_sum(model, model.lm_head, batch)
-    hook.remove()
-    # Position t predicts label t+1: one logit row per label token (a row's first label is never one).
-    assert seen == [int((batch["labels"][:, 1:] != IGNORE).sum())]
-    assert seen[0] < batch["input_ids"].numel() / 2
+    n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())
+    vocab = model.config.vocab_size
+    largest = {}
+    # A frozen head (as with LoRA): its weight gradient, vocab x hidden whichever loss computes it,
+    # would otherwise be the largest tensor and hide the logits'.
+    model.lm_head.weight.requires_grad_(False)
+    try:
+        for chunk_size in (0, 4):
+            with LargestTensor() as seen:
+                token_loss_sum(model, model.lm_head, batch, chunk_size).backward()
+            largest[chunk_size] = seen.largest
+            model.zero_grad()
+    finally:
+        model.lm_head.weight.requires_grad_(True)
+    # Whole: the [labels x vocab] logits (never all positions': the head sees labelled ones only).
+    assert largest[0] == n_labels * vocab < batch["input_ids"].numel() * vocab
+    # Chunked: nothing larger than one chunk of logits (4 rows), far below all labels' logits.
+    assert largest[4] == 4 * vocab < n_labels * vocab
 
 
 def test_a_row_without_labels_gives_zero_loss_and_still_runs_backward(model_and_samples):
