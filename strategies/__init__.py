@@ -15,17 +15,18 @@ _REGISTRY = {
     "zero2-offload": "deepspeed:Zero2OffloadStrategy",
     "zero3": "deepspeed:Zero3Strategy",
     "zero3-offload": "deepspeed:Zero3OffloadStrategy",
-    "auto": "auto:AutoStrategy",
 }
+AUTO = "auto"  # not a strategy: choose() picks one of the above by memory
 
 
 def names() -> list[str]:
+    """The strategies (backends) by name; `auto` is not one of them."""
     return list(_REGISTRY)
 
 
 def get_strategy_class(name: str):
     if name not in _REGISTRY:
-        raise SwiftdistError(f"--strategy {name}: unknown strategy; choose one of: {', '.join(_REGISTRY)}")
+        raise SwiftdistError(f"--strategy {name}: unknown strategy; choose one of: {', '.join([*_REGISTRY, AUTO])}")
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(f"swiftdist.strategies.{module}"), cls)
 
@@ -36,7 +37,7 @@ def choose(cfg, precision: str, dist_info):
     from swiftdist.strategies import auto
 
     name = cfg.parallel.strategy
-    cls = auto.choose(cfg, precision, dist_info) if name == "auto" else get_strategy_class(name)
+    cls = auto.choose(cfg, precision, dist_info) if name == AUTO else get_strategy_class(name)
     reason = cls.refusal(cfg, precision)
     if reason:
         raise SwiftdistError(f"--strategy {cls.name} --train-type {cfg.model.train_type} --precision {precision}: {reason}")
@@ -61,8 +62,6 @@ def support_matrix() -> str:
              "|---|" + "---|" * len(combos)]
     reasons: list[str] = []
     for name in names():
-        if name == "auto":  # not a backend: it runs one of the others
-            continue
         cells = []
         for train_type, precision in combos:
             cfg = RunConfig()

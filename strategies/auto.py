@@ -55,26 +55,3 @@ def choose(cfg, precision: str, dist_info) -> type[Strategy]:
     raise SwiftdistError(f"--strategy auto: no strategy fits {usable / GIB:.2f} GiB per device ({'; '.join(notes)}); "
                          "use --gradient-checkpointing, a smaller --batch-size or --max-length, "
                          "--train-type qlora, or more devices")
-
-
-class AutoStrategy(Strategy):
-    """The registry's "auto" while the trainer resolves a class itself; strategies.choose() replaces it."""
-
-    name = "auto"
-
-    @classmethod
-    def resolve(cls, cfg, precision, dist_info):
-        return choose(cfg, precision, dist_info)
-
-    # Never runs: resolve() hands over to a real strategy.
-    def wrap(self, model):
-        raise NotImplementedError
-
-    def save(self, directory):
-        raise NotImplementedError
-
-    def load(self, directory, saved):
-        raise NotImplementedError
-
-    def full_state_dict(self, trainable_only):
-        raise NotImplementedError

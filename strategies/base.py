@@ -25,11 +25,11 @@ class Strategy(ABC):
     name: ClassVar[str]
     checkpoint_format: ClassVar[str]
     """What save() writes (e.g. "dcp"); a resume refuses a checkpoint of another format with a clear reason."""
-    runs_hf_model: ClassVar[bool] = True
-    """Trains the transformers model itself (megatron builds its own), so --sequence-parallel can reroute its attention."""
     owned_flags: ClassVar[dict[str, str]] = {}
     """Flags (ParallelConfig fields) that only this strategy family reads, each with the reason every other
     strategy refuses it when it is set (there it would be silently ignored)."""
+    runs_hf_model: ClassVar[bool] = True
+    """Trains the transformers model itself (megatron builds its own), so --sequence-parallel can reroute its attention."""
 
     def __init__(self, cfg: RunConfig, dist: DistInfo, precision: str):
         self.cfg, self.dist, self.precision = cfg, dist, precision
@@ -57,10 +57,6 @@ class Strategy(ABC):
                 return reason
         return None
 
-    @classmethod
-    def resolve(cls, cfg: RunConfig, precision: str, dist: DistInfo) -> type["Strategy"]:
-        """The strategy class that will actually run (`auto` picks one here); most strategies are themselves."""
-        return cls
 
     @property
     def dp_rank(self) -> int:

@@ -190,7 +190,7 @@ CHOICES = {
     "data.format": ("auto", "messages", "sharegpt", "alpaca"),
     "data.truncation": ("truncate", "drop"),
     "train.scheduler": ("cosine", "linear", "constant"),
-    "parallel.strategy": tuple(strategy_names()),
+    "parallel.strategy": (*strategy_names(), "auto"),
     "train.precision": ("auto", "bf16", "fp32"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }

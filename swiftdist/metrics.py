@@ -71,7 +71,7 @@ class Metrics:
             if postfix:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()})
 
-    def close(self) -> None:
+    def close(self, plot: bool = True) -> None:
         if not self.enabled:
             return
         self.bar.close()
@@ -79,7 +79,8 @@ class Metrics:
             self.jsonl.close()
         if self.wandb:
             self.wandb.finish()
-        self._plot()
+        if plot:
+            self._plot()
 
     def _plot(self) -> None:
         """loss.png of the whole run, earlier starts included: drawn from metrics.jsonl, where a step

@@ -27,7 +27,7 @@ from swiftdist.model import (count_params, load_model_config, load_tokenizer, re
                              weight_dtype)
 from swiftdist.schedule import lr_at
 from swiftdist.sequence_parallel import SequenceParallel
-from swiftdist.strategies import get_strategy_class
+from swiftdist.strategies import choose as choose_strategy
 
 log = logging.getLogger("swiftdist")
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped by a signal", after a checkpoint was saved
@@ -74,11 +74,7 @@ class Trainer:
                      self.total_steps - self.state.step)
 
     def _setup_strategy(self, model_path: Path):
-        cls = get_strategy_class(self.cfg.parallel.strategy).resolve(self.cfg, self.precision, self.dist)
-        reason = cls.refusal(self.cfg, self.precision)
-        if reason:
-            raise SwiftdistError(f"--strategy {cls.name} --train-type {self.cfg.model.train_type} "
-                                 f"--precision {self.precision}: {reason}")
+        cls = choose_strategy(self.cfg, self.precision, self.dist)
         sequence_parallel.check(self.cfg.parallel.sequence_parallel, self.dist.world_size,
                                 load_model_config(model_path, self.cfg.model.trust_remote_code), cls.runs_hf_model)
         return cls(self.cfg, self.dist, self.precision)
@@ -136,7 +132,7 @@ class Trainer:
                 self.checkpointer.save(state)
             if stop:
                 log.warning("stop signal received: saved a checkpoint at step %d, exiting", state.step)
-                self.metrics.close()
+                self.metrics.close(plot=False)  # seconds of matplotlib the grace period may not have
                 preemption.clear()
                 return PREEMPTED_EXIT_CODE
         if self.data.val and not self._eval_due():  # the end always gets an eval, but only one

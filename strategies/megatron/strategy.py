@@ -37,9 +37,9 @@ from swiftdist.strategies.megatron import bridge, cpu_compat, lora
 class MegatronStrategy(Strategy):
     name = "megatron"
     checkpoint_format = "megatron-dist"
-    runs_hf_model = False
     owned_flags = dict.fromkeys(("tp", "pp"), "--tp/--pp split the model with megatron-core; use --strategy megatron, "
                                               "or leave them at 1")
+    runs_hf_model = False
 
     @classmethod
     def refusal(cls, cfg, precision: str) -> str | None:
