@@ -53,6 +53,11 @@ def batch_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["shift_labels"] if "shift_labels" in batch else shifted_targets(batch["labels"])
 
 
+def target_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How many positions of a batch the loss counts."""
+    return (batch_targets(batch) != IGNORE).sum()
+
+
 def label_count(labels: torch.Tensor) -> torch.Tensor:
     """How many positions of a batch the loss counts."""
     return (shifted_targets(labels) != IGNORE).sum()
@@ -129,7 +134,8 @@ def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[st
         return (args[0][:, :0],)  # no positions: the loss below is computed in place of the logits
 
     def loss_as_output(module, _, __):
-        trainable = [p for p in module.parameters() if p.requires_grad]
+        # Without grad mode (evaluation) no gradient is wanted, so none is computed in the chunks.
+        trainable = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
         return ChunkedCrossEntropy.apply(module.forward, chunk_size, taken.pop(), targets, *trainable)
 
     # The loss hook goes first, so that the wrappers' own post-forward hooks see (and hook their

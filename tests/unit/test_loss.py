@@ -127,6 +127,17 @@ def test_logits_never_exceed_one_chunk(model_and_samples, packed):
     assert largest[4] == 4 * vocab < n_labels * vocab
 
 
+def test_evaluation_without_grad_mode_computes_no_gradients(model_and_samples):
+    model, tok, samples = model_and_samples
+    batch = collate(samples, tok.pad_token_id, False)
+    expected = token_loss_sum(model, model.lm_head, batch, 4).detach()
+    with torch.no_grad(), LargestTensor() as seen:
+        loss = token_loss_sum(model, model.lm_head, batch, 4)
+    assert torch.equal(loss, expected)
+    # The trainable head's weight gradient (vocab x hidden) would be the largest tensor; none is made.
+    assert seen.largest == 4 * model.config.vocab_size
+
+
 def test_a_row_without_labels_gives_zero_loss_and_still_runs_backward(model_and_samples):
     model, tok, _ = model_and_samples
     batch = collate(build_samples(tok, [conv("hi", "x")], DataConfig())[:1], tok.pad_token_id, False)
