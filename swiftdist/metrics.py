@@ -22,6 +22,12 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def record_samples(output_dir: Path, rank: int, step: int, epoch: int, sample_ids: list[list[int]]) -> None:
+    """Append the sample ids a rank trains on at `step` to its samples-rank{R}.jsonl (--log-samples)."""
+    with open(Path(output_dir) / f"samples-rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "epoch": epoch, "samples": sample_ids}) + "\n")
+
+
 class Metrics:
     def __init__(self, output_dir: str, report_to: list[str], total_steps: int, initial_step: int,
                  wandb_project: str, wandb_mode: str, run_config: dict, run_id: str, enabled: bool):

@@ -73,11 +73,9 @@ class SequenceParallel:
                 mine = group
         return cls(size, me % size, mine)
 
-    def data_rank(self, rank: int) -> int:
-        return rank // self.size
-
-    def data_size(self, world_size: int) -> int:
-        return world_size // self.size
+    def data_split(self, rank: int, world_size: int) -> tuple[int, int]:
+        """(data-parallel rank, data-parallel size): a group reads as one data-parallel rank."""
+        return rank // self.size, world_size // self.size
 
     def apply(self, model: torch.nn.Module) -> None:
         """Route the model's attention through the all-to-alls (nothing to do for size 1)."""

@@ -7,7 +7,6 @@ model is loaded), bad data or model paths, changed data on resume, a failed save
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,12 +20,11 @@ from swiftdist.config import RunConfig, save_config
 from swiftdist.data import IGNORE, Sample, StepSampler, build_datasets, collate
 from swiftdist.distributed import DistInfo, any_rank
 from swiftdist.errors import SwiftdistError
-from swiftdist.loss import batch_targets
-from swiftdist.metrics import Metrics, peak_memory_gib
-from swiftdist.model import (count_params, load_model_config, load_tokenizer, resolve_attn_impl, resolve_model_path, resolve_precision,
-                             weight_dtype)
+from swiftdist.loss import target_count
+from swiftdist.metrics import Metrics, peak_memory_gib, record_samples
+from swiftdist.model import (count_params, load_model_config, load_tokenizer, resolve_attn_impl, resolve_model_path,
+                             resolve_precision, weight_dtype)
 from swiftdist.schedule import lr_at
-from swiftdist.sequence_parallel import SequenceParallel
 from swiftdist.strategies import choose as choose_strategy
 
 log = logging.getLogger("swiftdist")
@@ -40,8 +38,11 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)  # by every rank: each may write its sample log first
         self.precision = resolve_precision(cfg.train.precision)
         model_path = resolve_model_path(cfg.model.model)
-        self.strategy = self._setup_strategy(model_path)
-        self.sp = SequenceParallel.setup(cfg.parallel.sequence_parallel)
+        strategy = choose_strategy(cfg, self.precision, dist_info)  # refused here, before anything loads
+        sequence_parallel.check(cfg.parallel.sequence_parallel, dist_info.world_size,
+                                load_model_config(model_path, cfg.model.trust_remote_code), strategy.runs_hf_model)
+        self.strategy = strategy(cfg, dist_info, self.precision)
+        self.sp = sequence_parallel.SequenceParallel.setup(cfg.parallel.sequence_parallel)
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         self.checkpointer = Checkpointer(cfg, dist_info, self.strategy, self.tokenizer)
         found = self.checkpointer.find()
@@ -53,7 +54,7 @@ class Trainer:
                                                 precision=self.precision)
         trainable, total = self._setup_model(model_path)
         # The ranks of a sequence-parallel group read the same samples, each its slice of them.
-        self.data_rank, self.data_size = self.sp.data_rank(self.strategy.dp_rank), self.sp.data_size(self.strategy.dp_size)
+        self.data_rank, self.data_size = self.sp.data_split(self.strategy.dp_rank, self.strategy.dp_size)
         self.sampler = StepSampler(len(self.data.train), cfg.train.seed, cfg.train.batch_size,
                                    cfg.train.grad_accum, self.data_rank, self.data_size)
         self.state = self.checkpointer.new_state(model_path, str(weight_dtype(cfg.model, self.precision))
@@ -72,12 +73,6 @@ class Trainer:
             log.info("data: %d train / %d eval samples; global batch %d; %d steps to go",
                      len(self.data.train), len(self.data.val), self.sampler.global_batch,
                      self.total_steps - self.state.step)
-
-    def _setup_strategy(self, model_path: Path):
-        cls = choose_strategy(self.cfg, self.precision, self.dist)
-        sequence_parallel.check(self.cfg.parallel.sequence_parallel, self.dist.world_size,
-                                load_model_config(model_path, self.cfg.model.trust_remote_code), cls.runs_hf_model)
-        return cls(self.cfg, self.dist, self.precision)
 
     def _setup_model(self, model_path: Path) -> tuple[int, int]:
         # Every rank must build the same initial weights (LoRA's random A matrices too): sharded
@@ -152,14 +147,15 @@ class Trainer:
         micro_batches, seeds, n_labels, n_tokens = [], [], 0, 0
         for position, idx in chosen:
             batch = self._host_batch([train[i] for i in idx])
-            n_labels += (batch_targets(batch) != IGNORE).sum().item()
+            n_labels += target_count(batch).item()
             n_tokens += sum(len(train[i].input_ids) for i in idx) / self.sp.size  # a group shares its samples
             micro_batches.append(self._on_device(batch))
             # Dropout randomness derives from the sample's position in the run, so a resumed run (on
             # any number of ranks, same micro-batch size) draws what the uninterrupted one would have.
             seeds.append((self.cfg.train.seed * 1_000_003 + s.step * 100_003 + position) % 2**63)
         if self.cfg.log.log_samples:
-            self._record_samples([train[i].sample_ids for _, idx in chosen for i in idx])
+            record_samples(self.output_dir, self.dist.rank, s.step + 1, s.epoch,
+                           [train[i].sample_ids for _, idx in chosen for i in idx])
         n_samples = self.sampler.step_size(s.consumed_in_epoch, left)
         return micro_batches, seeds, n_samples, torch.tensor([n_labels, n_tokens], dtype=torch.float32)
 
@@ -168,8 +164,8 @@ class Trainer:
         still joins the collectives, with one padding token whose label is ignored."""
         pad = self.tokenizer.pad_token_id
         # flash-attention takes a micro-batch as one row with explicit sample boundaries: no padding at all.
-        return self.sp.shard(collate(samples or [Sample([pad], [IGNORE], [0], [])], pad, self.cfg.data.packing,
-                                     padding_free=self.strategy.runs_hf_model and self.cfg.model.attn_impl == "flash_attention_2"))
+        flat = self.strategy.runs_hf_model and self.cfg.model.attn_impl == "flash_attention_2"
+        return self.sp.shard(collate(samples or [Sample([pad], [IGNORE], [0], [])], pad, self.cfg.data.packing, flat))
 
     def _on_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -196,15 +192,9 @@ class Trainer:
         for i in range(n_batches):
             batch = self._on_device(self._host_batch(mine[i * bs:(i + 1) * bs]))
             loss_sum += self.strategy.forward_loss_sum(batch)
-            tokens += (batch_targets(batch) != IGNORE).sum()
+            tokens += target_count(batch)
         self.strategy.model.train()
         return (self.strategy.all_reduce_dp(loss_sum) / self.strategy.all_reduce_dp(tokens.float())).item()
 
     def _eval_due(self) -> bool:
-        every = self.cfg.train.eval_steps
-        return bool(self.data.val) and every > 0 and self.state.step % every == 0
-
-    def _record_samples(self, sample_ids: list[list[int]]) -> None:
-        path = self.output_dir / f"samples-rank{self.dist.rank}.jsonl"
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": self.state.step + 1, "epoch": self.state.epoch, "samples": sample_ids}) + "\n")
+        return bool(self.data.val) and self.cfg.train.eval_steps > 0 and self.state.step % self.cfg.train.eval_steps == 0
