@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from benchmarks.probe import report
+from benchmarks.probe import peak_rss_gib, report
 from benchmarks.spec import BenchSpec
 from swiftdist.config import parse_config
 from swiftdist.distributed import destroy, init_distributed, setup_logging
@@ -24,9 +24,10 @@ def main(spec_path: str, run_dir: str, strategy: str) -> None:
     setup_logging(dist_info.rank)
     try:
         trainer = Trainer(cfg, dist_info)
+        loaded = peak_rss_gib()
         trainer.train()
         steps = [r for r in trainer.metrics.history if "step_s" in r]
-        report(run_dir, [r["step_s"] for r in steps], [r["loss"] for r in steps],
+        report(run_dir, [r["step_s"] for r in steps], [r["loss"] for r in steps], load_peak_rss_gib=loaded,
                tokens_per_s=[r["tokens_per_s"] for r in steps])
     finally:
         destroy()
