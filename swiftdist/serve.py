@@ -194,6 +194,8 @@ class TransformersBackend:
                                        stopping_criteria=StoppingCriteriaList([Cancelled()]), **sampling)
         new = out[0, len(job.prompt_ids):].tolist()
         job.completion_tokens = len(new)
+        if cancelled.is_set():
+            log.info("%s: the client went away; generation stopped after %d tokens", job.id, len(new))
         ended = bool(new) and new[-1] in _eos_ids(self.lm, self.tokenizer)
         job.finish_reason = "length" if len(new) >= job.max_tokens and not ended else "stop"
 

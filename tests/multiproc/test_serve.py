@@ -124,6 +124,20 @@ def test_eight_concurrent_requests_are_all_answered(server):
     assert [r.choices[0].message.content for r in replies] == [expected[m] for m in models]
 
 
+def test_a_client_that_goes_away_stops_its_generation(server):
+    client = server.client()
+    with client.chat.completions.with_streaming_response.create(
+            model="first", messages=ASK, max_tokens=200, temperature=0, stream=True) as response:
+        next(response.iter_lines())  # the answer has started; then the connection closes
+    assert chat(client, "other").choices[0].message.content  # the model is free for the next request
+    deadline = time.time() + 30
+    while "the client went away" not in server.output() and time.time() < deadline:
+        time.sleep(0.2)
+    stopped = [line for line in server.output().splitlines() if "the client went away" in line]
+    assert stopped, server.output()
+    assert int(stopped[-1].split("stopped after ")[1].split()[0]) < 200
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "nope", "messages": ASK}, 404, "model"),
     ({"model": "first", "messages": "Who are you?"}, 400, "messages"),
