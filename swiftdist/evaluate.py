@@ -10,6 +10,8 @@ Metrics, per source file and over everything:
     exact_match        greedy answer to the last assistant turn == the reference (case and whitespace ignored)
     contains           the reference appears inside the answer (same normalisation)
     rouge_l            ROUGE-L F1 of answer vs reference (Google's rouge-score; CJK scored per character)
+Answers are generated up to the reference's length + 16 tokens (at most --max-new-tokens): longer ones
+cannot match exactly, and a `contains` hit must come within that span.
 Writes eval.json (summary and every answer) and eval.png (bars, before vs after) to --output-dir.
 """
 
@@ -36,8 +38,8 @@ log = logging.getLogger("swiftdist")
 
 SCORES = ("exact_match", "contains", "rouge_l")  # in [0, 1], higher is better
 METRICS = ("loss", "perplexity", *SCORES)
-# A greedy answer longer than its reference by more than this many tokens cannot match it exactly;
-# generating further would only cost time (a `contains` hit still fits: the reference is shorter).
+# A greedy answer longer than its reference by more than this many tokens cannot match it exactly,
+# and a base model that rambles would otherwise cost --max-new-tokens steps per question.
 ANSWER_SLACK_TOKENS = 16
 
 
@@ -325,7 +327,8 @@ def parse_args(argv: list[str]):
                         help="also score the model before training (the base without the adapter, or MODEL) "
                              "and print before/after")
     parser.add_argument("--output-dir", help="where eval.json and eval.png go (default: ./eval, or OUTPUT_DIR/eval)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer generated")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="longest answer generated (each is cut at its reference's length + 16 tokens anyway)")
     parser.add_argument("--batch-size", type=int, default=8, help="conversations generated at once per rank")
     parser.add_argument("--max-length", type=int, help="tokens per conversation for the loss (default: 1024 or the run's)")
     parser.add_argument("--system", help="system prompt for conversations that have none")
