@@ -19,11 +19,15 @@ def run(argv: list[str]) -> int:
 
     dist_info = init_distributed()
     setup_logging(dist_info.rank)
+    trainer = None
     try:
         from swiftdist.trainer import Trainer
 
-        return Trainer(cfg, dist_info).train()
+        trainer = Trainer(cfg, dist_info)
+        return trainer.train()
     finally:
+        if trainer is not None:
+            trainer.strategy.close()  # e.g. megatron's CPU patches and model-parallel groups
         destroy()
 
 

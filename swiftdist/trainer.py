@@ -79,7 +79,7 @@ class Trainer:
         # strategies keep each rank's own slice of them instead of broadcasting rank 0's copy.
         torch.manual_seed(self.cfg.train.seed)
         model = self.strategy.build_model(model_path)
-        counts = count_params(model)
+        counts = count_params(model, self.strategy.param_shape)
         self.sp.apply(model)
         self.strategy.wrap(model)
         return counts

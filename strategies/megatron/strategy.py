@@ -48,7 +48,7 @@ class MegatronStrategy(Strategy):
                     "or --strategy fsdp with --train-type qlora")
         if cfg.model.gradient_checkpointing:
             return "activation recompute is not wired up for megatron yet; drop --gradient-checkpointing"
-        return None
+        return super().refusal(cfg, precision)  # other backends' flags (--deepspeed-config)
 
     def __init__(self, cfg, dist_info, precision: str):
         super().__init__(cfg, dist_info, precision)
