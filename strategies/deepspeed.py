@@ -22,15 +22,26 @@ Checkpoints are DeepSpeed's own format (`save_checkpoint`), frozen weights exclu
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
+from swiftdist.checkpoint import fsync_tree
 from swiftdist.errors import SwiftdistError
 from swiftdist.model import weight_dtype
 from swiftdist.strategies.base import Strategy, build_optimizer, param_groups
+
+log = logging.getLogger("swiftdist")
 
 # Keys of a user's DeepSpeed JSON that must agree with our flags ("auto" means: take ours).
 _MUST_MATCH = {
@@ -242,21 +253,21 @@ class ZeroStrategy(Strategy):
         self.model.load_checkpoint(directory, tag=tag, load_module_strict=False, load_lr_scheduler_states=False)
 
     def _universal(self, directory: str) -> str:
-        """Convert the checkpoint once (rank 0; kept beside it for later resumes); its tag."""
-        import argparse
-
-        from deepspeed.checkpoint import ds_to_universal
-
+        """Convert the checkpoint to DeepSpeed's universal format once (kept beside it for later
+        resumes); its tag. Rank 0 converts while the other ranks wait on a gloo group of their own,
+        whose timeout allows for a 70B checkpoint (the default group's would run out first)."""
         tag = f"{self._TAG}_universal"
-        out = Path(directory) / tag
-        if self.dist.is_main and not out.exists():
-            tmp = out.with_name(tag + ".tmp")
-            args = argparse.Namespace(input_folder=str(Path(directory) / self._TAG), output_folder=str(tmp),
-                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                      strict=True, inject_missing_state=True)
-            ds_to_universal.main(args)
-            tmp.rename(out)
-        torch.distributed.barrier()
+        waiting = torch.distributed.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
+        failure = [None]
+        if self.dist.is_main:
+            try:
+                convert_to_universal(Path(directory) / self._TAG, Path(directory) / tag)
+            except SwiftdistError as e:
+                failure = [str(e)]
+        torch.distributed.broadcast_object_list(failure, src=0, group=waiting)
+        torch.distributed.destroy_process_group(waiting)
+        if failure[0]:
+            raise SwiftdistError(failure[0])
         return tag
 
     @classmethod
@@ -335,6 +346,59 @@ class Zero3Strategy(ZeroStrategy):
 class Zero3OffloadStrategy(Zero3Strategy):
     name = "zero3-offload"
     offload = True
+
+
+# How long the other ranks wait for a universal conversion. It reads and writes every fp32 master
+# weight and Adam moment, 12 bytes per trained parameter: 840 GB for a 70B full fine-tune, which
+# 6 hours cover at 40 MB/s each way (docs/deepspeed-cpu.md has the rate measured here).
+CONVERSION_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def convert_to_universal(src: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal from `src` into `out`, once however many jobs ask at the same time.
+
+    Under an exclusive lock (fcntl), it converts into a partial folder beside the checkpoint, and
+    renames the result to `out` once complete: a crash leaves nothing inside the checkpoint, and the
+    next conversion removes the partial folder. It runs in a child process, with parallel workers.
+    """
+    import psutil  # a DeepSpeed dependency
+
+    src, out = src.resolve(), out.resolve()  # `latest/...` and `step-N/...` lock the same file
+    checkpoint = out.parent.parent  # step-N/ (out is step-N/model/zero_universal)
+    prefix = f".{checkpoint.name}.{out.name}.partial-"
+    with FileLock(str(out) + ".lock"):
+        if out.is_dir():
+            return  # another job converted it while this one waited
+        for stale in checkpoint.parent.glob(prefix + "*"):  # a conversion that crashed
+            shutil.rmtree(stale, ignore_errors=True)
+        # Its own folder, so that a crashed conversion's orphaned child cannot write into this one.
+        partial = Path(tempfile.mkdtemp(prefix=prefix, dir=checkpoint.parent))
+        # An extract worker loads one rank's optimizer file; a merge worker every rank's slices of
+        # one parameter, which is no larger. Room for two of each in the memory free now.
+        largest = max((f.stat().st_size for f in src.glob("*optim_states.pt")), default=1)
+        fit = max(1, psutil.virtual_memory().available // (2 * largest))
+        workers = str(min(len(os.sched_getaffinity(0)), fit))
+        # A subfolder: ds_to_universal also writes a `latest_universal` file beside its output.
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+               "--output_folder", str(partial / out.name), "--num_extract_workers", workers,
+               "--num_merge_workers", workers,
+               "--inject_missing_state"]  # ZeRO-2 checkpoints lack some of what the format wants
+        started = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SwiftdistError(f"converting {src} to a universal checkpoint failed (exit {proc.returncode}): {last}")
+        fsync_tree(partial)
+        os.replace(partial / out.name, out)
+        folder = os.open(out.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+        shutil.rmtree(partial)
+        log.info("converted %s to a universal checkpoint in %.1f s (%s workers)", src, time.monotonic() - started,
+                 workers)
 
 
 def _read_json(path: str) -> dict:

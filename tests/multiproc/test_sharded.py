@@ -19,10 +19,11 @@ DRIVER = str(REPO / "tests" / "multiproc" / "sft_many.py")
 
 
 def run_group(root, train_type: str, precision: str, steps: int, strategies: list[str], *extra: str,
-              nproc: int = 2) -> dict:
-    """Train each strategy on the same data, seed and global batch (2 ranks x 2 x accumulation 2)."""
+              nproc: int = 2, data=None) -> dict:
+    """Train each strategy on the same data, seed and global batch (2 ranks x 2 x accumulation 2).
+    `data`: the dataset file of an earlier group (a resume refuses another path), else a new one."""
     root.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(root / "data.jsonl", arithmetic_rows(32))
+    data = data or write_jsonl(root / "data.jsonl", arithmetic_rows(32))
     runs = [["--model", "tiny-llama", "--dataset", str(data), "--train-type", train_type, "--precision", precision,
              "--max-steps", str(steps), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
              "--strategy", name, "--output-dir", str(root / name), *(a.format(strategy=name) for a in extra)]
@@ -194,7 +195,8 @@ def resharded(tmp_path_factory):
     root = tmp_path_factory.mktemp("reshard")
     runs = run_group(root, "full", "fp32", 4, ["zero2", "zero3"], "--save-steps", "2")
     resumed = run_group(root / "one", "full", "fp32", 4, ["zero2", "zero3"], "--batch-size", "4",
-                        "--resume", str(root / "{strategy}" / "checkpoints" / "step-000002"), nproc=1)
+                        "--resume", str(root / "{strategy}" / "checkpoints" / "step-000002"), nproc=1,
+                        data=root / "data.jsonl")
     return runs, resumed
 
 
