@@ -35,7 +35,8 @@ def choose(cfg, precision: str, dist_info) -> type[Strategy]:
     if dist.is_initialized():  # every rank must choose the same: plan for the smallest device
         dist.all_reduce(budget, op=dist.ReduceOp.MIN)
     usable = budget.item() * HEADROOM
-    stats = model_stats(cfg.model.model, cfg.model, precision, cfg.data.max_length, cfg.train.batch_size)
+    seq_len = -(-cfg.data.max_length // cfg.parallel.sequence_parallel)  # a rank's share of each sequence
+    stats = model_stats(cfg.model.model, cfg.model, precision, seq_len, cfg.train.batch_size)
     notes = []
     for name in (n for n in PREFERENCE if n in names()):
         strategy = get_strategy_class(name)

@@ -419,9 +419,13 @@ class Checkpointer:
             if self.adapter_only or self.cfg.checkpoint.save_full_model:
                 self._save_hf(tmp / ("adapter" if self.adapter_only else "hf"))
             time.sleep(float(os.environ.get(SAVE_DELAY_ENV, "0")))
-            fsync_tree(tmp)
         except Exception as e:  # noqa: BLE001 - an I/O failure of any library; re-raised below unless it is one
             error = e
+        if all_ranks_ok(error is None):  # every rank has written its part: none is still creating files
+            try:
+                fsync_tree(tmp)  # each rank, so that on a shared file system every node flushes what it wrote
+            except OSError as e:
+                error = e
         if all_ranks_ok(error is None) and self.dist.is_main:
             try:
                 final = commit(tmp, state, self.cfg.checkpoint.save_total_limit,

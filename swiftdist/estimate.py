@@ -44,6 +44,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gpus", type=int, default=1, help="devices (ranks) the model is spread over")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--sequence-parallel", type=int, default=1,
+                        help="Ulysses group size: each device holds 1/N of every sequence's activations")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--gpu-memory", type=float, help="GiB per device: marks which strategies fit")
@@ -55,10 +57,14 @@ def main(argv: list[str]) -> int:
     cfg = RunConfig()
     cfg.model.train_type, cfg.model.lora_rank = args.train_type, args.lora_rank
     cfg.model.gradient_checkpointing = args.gradient_checkpointing
-    stats = model_stats(args.model, cfg.model, args.precision, args.seq_len, args.micro_batch)
+    # Under sequence parallelism a device keeps the activations of its 1/N of the tokens; attention in
+    # between holds the whole sequence for 1/N of the heads, the same bytes.
+    stats = model_stats(args.model, cfg.model, args.precision, -(-args.seq_len // args.sequence_parallel),
+                        args.micro_batch)
     refusals = {n: r for n in candidates if (r := get_strategy_class(n).refusal(cfg, args.precision))}
     print(f"{args.model}: {stats.n_params / 1e9:.3f}B params, {stats.n_trainable / 1e6:.2f}M trainable "
           f"({args.train_type}, {args.precision}); seq {args.seq_len} x micro-batch {args.micro_batch}"
+          f"{f', sequence parallel {args.sequence_parallel}' if args.sequence_parallel > 1 else ''}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; {args.gpus} device(s); "
           "bytes per device")
     print(table(stats, candidates, args.gpus, args.gpu_memory, refusals))

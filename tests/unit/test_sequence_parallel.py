@@ -46,3 +46,14 @@ def test_slices_carry_the_targets_shifted_before_the_cut():
     assert targets.tolist() == [[*shifted_targets(labels)[0].tolist(), IGNORE]]
     assert torch.cat([p["position_ids"] for p in parts], dim=1).tolist() == [[0, 1, 2, 3, 0, 1, 2, 0]]
     assert parts[1]["input_ids"].tolist() == [[5, 6, 7, 0]] and "labels" not in parts[1]
+
+
+def test_estimate_counts_a_ranks_share_of_the_activations(capsys):
+    from swiftdist import estimate
+
+    def rows(*argv):
+        estimate.main(["--model", "tiny-llama", "--strategy", "ddp", "--precision", "fp32", *argv])
+        return capsys.readouterr().out.splitlines()[-1]
+    # A rank of an SP=2 group keeps the activations of half of each 256-token sequence.
+    assert rows("--seq-len", "256", "--sequence-parallel", "2") == rows("--seq-len", "128")
+    assert rows("--seq-len", "256", "--sequence-parallel", "2") != rows("--seq-len", "256")
