@@ -159,7 +159,7 @@ class TransformersBackend:
                 raise SwiftdistError(f"--adapter {path}: does not fit {model}: {str(e).splitlines()[0]}") from None
         self.lm = lm.eval()
         self.model_names = [base_name, *adapters]
-        self.max_model_len = getattr(lm.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        self.max_model_len = context_length(lm.config, self.tokenizer)
         self.device = str(lm.device)
         # One model, one active adapter: requests take turns.
         self.lock = threading.Lock()
@@ -229,6 +229,11 @@ class TransformersBackend:
             raise error
 
 
+def context_length(config, tokenizer) -> int:
+    """Prompt + completion tokens the model takes: its position embeddings, else the tokenizer's limit."""
+    return getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+
+
 def _eos_ids(lm, tokenizer) -> set[int]:
     eos = lm.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -242,6 +247,7 @@ class VllmBackend:
 
     def __init__(self, model: str, adapters: dict[str, Path], base_name: str, trust_remote_code: bool,
                  max_model_len: int | None):
+        from transformers import AutoConfig
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.lora.request import LoRARequest
 
@@ -250,14 +256,16 @@ class VllmBackend:
         path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 8) for p in adapters.values()]
-        args = AsyncEngineArgs(model=str(path), trust_remote_code=trust_remote_code, max_model_len=max_model_len,
+        # Decided here, not left to vLLM, so that the server's own length checks use the same limit.
+        self.max_model_len = max_model_len or context_length(
+            AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), self.tokenizer)
+        args = AsyncEngineArgs(model=str(path), trust_remote_code=trust_remote_code, max_model_len=self.max_model_len,
                                enable_lora=bool(adapters), max_loras=max(1, len(adapters)),
                                # vLLM sizes its LoRA buffers by this; it accepts powers of two from 8.
                                max_lora_rank=max(8, 1 << (max(ranks, default=8) - 1).bit_length()))
         self.engine = AsyncLLMEngine.from_engine_args(args)
         self.lora = {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(adapters.items())}
         self.model_names = [base_name, *adapters]
-        self.max_model_len = max_model_len or self.engine.engine.model_config.max_model_len
         self.device = "cuda"
 
     async def stream(self, job: Job) -> AsyncIterator[str]:
