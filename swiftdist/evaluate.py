@@ -32,7 +32,7 @@ import torch
 from swiftdist.config import DataConfig, parse_config
 from swiftdist.data import Conversation, Sample, collate, load_conversations, split_conversations, tokenize
 from swiftdist.errors import SwiftdistError
-from swiftdist.loss import label_count, output_head, token_loss_sum
+from swiftdist.loss import DEFAULT_CHUNK, label_count, output_head, token_loss_sum
 
 log = logging.getLogger("swiftdist")
 
@@ -53,6 +53,7 @@ class Plan:
     baseline: str | None  # None, BASE_WITHOUT_ADAPTER, or another model to score as "before"
     conversations: list[Conversation]
     max_length: int
+    loss_chunk_size: int
     output_dir: Path
 
 
@@ -76,7 +77,7 @@ def make_plan(args) -> Plan:
     if args.from_run:
         run_dir = Path(args.from_run)
         cfg, final = _from_run(run_dir)
-        data_cfg, seed = cfg.data, cfg.train.seed
+        data_cfg, seed, chunk = cfg.data, cfg.train.seed, cfg.train.loss_chunk_size
         full = cfg.model.train_type == "full"
         model = args.model or (str(final) if full else cfg.model.model)
         adapter = args.adapter or (None if full else str(final))
@@ -94,7 +95,7 @@ def make_plan(args) -> Plan:
     else:
         if not args.dataset:
             raise SwiftdistError("swiftdist eval: give --dataset FILE|builtin (or --from-run OUTPUT_DIR)")
-        model, adapter = args.model or "smollm2", args.adapter
+        model, adapter, chunk = args.model or "smollm2", args.adapter, DEFAULT_CHUNK
         default_baseline = BASE_WITHOUT_ADAPTER if adapter else None
         data_cfg = DataConfig(dataset=list(args.dataset), model_name=args.model_name, model_author=args.model_author,
                               system=args.system, max_length=args.max_length or DataConfig.max_length)
@@ -107,7 +108,8 @@ def make_plan(args) -> Plan:
         baseline = default_baseline
     elif args.baseline:
         baseline = args.baseline
-    return Plan(model, adapter, baseline, conversations, args.max_length or data_cfg.max_length, output_dir)
+    chunk = chunk if args.loss_chunk_size is None else args.loss_chunk_size
+    return Plan(model, adapter, baseline, conversations, args.max_length or data_cfg.max_length, chunk, output_dir)
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ def split_last_turn(conv: Conversation) -> tuple[list[dict], str]:
 
 
 @torch.no_grad()
-def conversation_loss(lm, tokenizer, conv: Conversation, max_length: int) -> tuple[float, int]:
+def conversation_loss(lm, tokenizer, conv: Conversation, max_length: int, chunk_size: int) -> tuple[float, int]:
     """(summed CE, token count) over every assistant turn, labelled exactly as training labels them."""
     ids, labels = tokenize(tokenizer, conv)
     ids, labels = ids[:max_length], labels[:max_length]
@@ -167,7 +169,7 @@ def conversation_loss(lm, tokenizer, conv: Conversation, max_length: int) -> tup
     if n == 0:
         return 0.0, 0  # truncation removed every assistant token
     batch = {k: v.to(lm.device) for k, v in batch.items()}
-    return token_loss_sum(lm, output_head(lm), batch).item(), n
+    return token_loss_sum(lm, output_head(lm), batch, chunk_size).item(), n
 
 
 @torch.no_grad()
@@ -181,7 +183,7 @@ def generate_answers(lm, tokenizer, prompts: list[list[dict]], budgets: list[int
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
-def score(lm, tokenizer, items: list[tuple[int, Conversation]], max_length: int, max_new_tokens: int,
+def score(lm, tokenizer, items: list[tuple[int, Conversation]], plan: Plan, max_new_tokens: int,
           batch_size: int) -> list[Scored]:
     results = []
     for start in range(0, len(items), batch_size):
@@ -191,7 +193,7 @@ def score(lm, tokenizer, items: list[tuple[int, Conversation]], max_length: int,
                    for ref in references]
         answers = generate_answers(lm, tokenizer, list(prompts), budgets)
         for (index, conv), reference, answer in zip(chunk, references, answers):
-            loss_sum, tokens = conversation_loss(lm, tokenizer, conv, max_length)
+            loss_sum, tokens = conversation_loss(lm, tokenizer, conv, plan.max_length, plan.loss_chunk_size)
             results.append(Scored(
                 index=index, source=Path(conv.where.rsplit(":", 1)[0]).name, loss_sum=loss_sum, tokens=tokens,
                 answer=answer, exact_match=float(normalize(answer) == normalize(reference)),
@@ -218,7 +220,7 @@ def score_everywhere(lm, tokenizer, plan: Plan, args, rank: int, world: int) -> 
     import torch.distributed as dist
 
     mine = list(enumerate(plan.conversations))[rank::world]
-    local = score(lm, tokenizer, mine, plan.max_length, args.max_new_tokens, args.batch_size)
+    local = score(lm, tokenizer, mine, plan, args.max_new_tokens, args.batch_size)
     gathered = [None] * world
     dist.all_gather_object(gathered, local)
     return sorted((s for part in gathered for s in part), key=lambda s: s.index)
@@ -331,6 +333,9 @@ def parse_args(argv: list[str]):
                         help="longest answer generated (each is cut at its reference's length + 16 tokens anyway)")
     parser.add_argument("--batch-size", type=int, default=8, help="conversations generated at once per rank")
     parser.add_argument("--max-length", type=int, help="tokens per conversation for the loss (default: 1024 or the run's)")
+    parser.add_argument("--loss-chunk-size", type=int,
+                        help="labelled positions per LM-head chunk of the loss, 0: all at once, needed by models "
+                             "that change logits after the head (default: 1024 or the run's)")
     parser.add_argument("--system", help="system prompt for conversations that have none")
     parser.add_argument("--model-name", default=DataConfig.model_name, help="fills {name} in self-cognition")
     parser.add_argument("--model-author", default=DataConfig.model_author, help="fills {author} in self-cognition")
@@ -341,6 +346,8 @@ def parse_args(argv: list[str]):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SwiftdistError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.loss_chunk_size is not None and args.loss_chunk_size < 0:
+        raise SwiftdistError("--loss-chunk-size must be >= 0 (0: the whole loss at once)")
     return args
 
 

@@ -48,11 +48,12 @@ def run_eval(argv, capsys, process_group):
     return capsys.readouterr().out
 
 
-def test_loss_and_perplexity_match_a_hand_computation(tiny_llama, tmp_path, capsys, process_group):
+@pytest.mark.parametrize("chunk", [None, "0", "3"])  # the default chunking, the whole loss at once, 3-row chunks
+def test_loss_and_perplexity_match_a_hand_computation(tiny_llama, tmp_path, capsys, process_group, chunk):
     data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
     out = tmp_path / "eval"
-    run_eval(["--model", str(tiny_llama), "--dataset", str(data), "--max-new-tokens", "4", "--output-dir", str(out)],
-             capsys, process_group)
+    run_eval(["--model", str(tiny_llama), "--dataset", str(data), "--max-new-tokens", "4", "--output-dir", str(out),
+              *(["--loss-chunk-size", chunk] if chunk else [])], capsys, process_group)
     result = json.loads((out / "eval.json").read_text())
     expected = hand_computed_loss(tiny_llama)
     # fp32 forward vs a float64 log-softmax of the same logits: agreement to ~1e-6 relative.
