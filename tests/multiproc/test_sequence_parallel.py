@@ -54,6 +54,8 @@ def two_ranks(tmp_path_factory):
         name = f"{strategy}-{train_type}-{'packed' if packing else 'padded'}"
         runs[f"{name}-sp1"] = base_args("tiny-llama", data, root / f"{name}-sp1", strategy, train_type, packing, 1, 2, 1)
         runs[f"{name}-sp2"] = base_args("tiny-llama", data, root / f"{name}-sp2", strategy, train_type, packing, 2, 2, 2)
+    for strategy in ("zero2", "zero3"):  # against ddp-lora-padded-sp1: ZeRO matches DDP to ~1e-7 in fp32
+        runs[f"{strategy}-sp2"] = base_args("tiny-llama", data, root / f"{strategy}-sp2", strategy, "lora", False, 2, 2, 2)
     runs["qlora-sp1"] = base_args("tiny-llama", data, root / "qlora-sp1", "ddp", "qlora", False, 1, 2, 1)
     runs["qlora-sp2"] = base_args("tiny-llama", data, root / "qlora-sp2", "ddp", "qlora", False, 2, 2, 2)
     runs["saved-sp2"] = base_args("tiny-llama", data, root / "saved-sp2", "ddp", "lora", False, 2, 2, 2,
@@ -70,6 +72,11 @@ def two_ranks(tmp_path_factory):
 def test_sp2_matches_sp1(two_ranks, strategy, train_type, packing):
     name = f"{strategy}-{train_type}-{'packed' if packing else 'padded'}"
     assert_same_curve(two_ranks / f"{name}-sp1", two_ranks / f"{name}-sp2")
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_sp2_under_deepspeed_matches_ddp_sp1(two_ranks, strategy):
+    assert_same_curve(two_ranks / "ddp-lora-padded-sp1", two_ranks / f"{strategy}-sp2")
 
 
 def test_qlora_trains_with_sp2(two_ranks):
