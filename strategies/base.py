@@ -79,14 +79,14 @@ class Strategy(ABC):
         (what the parameter counts and the weight-decay groups go by)."""
         return p.shape
 
-    def build_model(self, path) -> torch.nn.Module:
+    def build_model(self, path, attn_impl: str | None = None) -> torch.nn.Module:
         """The model to train, from the HF dir `path`: an HF model with LoRA/QLoRA applied.
 
         Strategies that run their own model implementation (megatron) build it here instead.
         """
         from swiftdist.model import load_model
 
-        return load_model(self.cfg.model, path, self.precision, self.model_init_context)
+        return load_model(self.cfg.model, path, self.precision, self.model_init_context, attn_impl=attn_impl)
 
     @abstractmethod
     def wrap(self, model: torch.nn.Module) -> None:

@@ -44,18 +44,18 @@ class FSDPStrategy(DCPStrategy):
     _initial: InitialValues | None = None
     """Set by build_model when the model is empty (meta): what wrap() fills each rank's shards with."""
 
-    def build_model(self, path) -> torch.nn.Module:
+    def build_model(self, path, attn_impl: str | None = None) -> torch.nn.Module:
         # QLoRA quantizes inside from_pretrained (bitsandbytes packs whole tensors), so it loads whole.
         if self.cfg.model.train_type == "qlora":
-            return super().build_model(path)
+            return super().build_model(path, attn_impl)
         rng = torch.get_rng_state()  # LoRA's initial weights are replayed from here
-        model = load_model(self.cfg.model, path, self.precision, empty=True)
+        model = load_model(self.cfg.model, path, self.precision, empty=True, attn_impl=attn_impl)
         try:
             self._initial = plan_initial_values(model, path, rng)
         except CannotSlice as why:
             log.warning("--strategy %s: %s; every rank loads the whole model instead", self.name, why)
             torch.set_rng_state(rng)
-            return super().build_model(path)
+            return super().build_model(path, attn_impl)
         return model
 
     def wrap(self, model) -> None:

@@ -227,7 +227,8 @@ def lora_target_modules(model, targets: list[str]) -> list[str]:
     return list(targets)
 
 
-def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contextlib.nullcontext, empty: bool = False):
+def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contextlib.nullcontext, empty: bool = False,
+               attn_impl: str | None = None):
     """HF model (on CPU, or partitioned at construction by `init_context`) with LoRA/QLoRA applied.
 
     `empty`: parameters on the meta device, none read, for a strategy that fills its own shards
@@ -237,7 +238,7 @@ def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contex
     dtype = weight_dtype(cfg, precision)
     kwargs = dict(
         dtype=dtype,
-        attn_implementation=resolve_attn_impl(cfg.attn_impl, precision=precision),
+        attn_implementation=attn_impl or resolve_attn_impl(cfg.attn_impl, precision=precision),
         trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.train_type == "qlora":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,9 +50,9 @@ class Trainer:
         self.data = build_datasets(self.tokenizer, cfg.data, cfg.train.seed)
         identity = run_identity(model_path, cfg.data, cfg.train.seed, self.data.sources, self.data.train)
         same_data = found is None or self.checkpointer.check_data(*found, identity)  # refused before the model loads
-        # `auto` becomes the implementation this run uses (config.yaml records it): it depends on the rows.
-        cfg.model.attn_impl = resolve_attn_impl(cfg.model.attn_impl, max(len(s.input_ids) for s in self.data.train),
-                                                precision=self.precision)
+        # What `auto` means depends on the rows: decided once, here (config.yaml records the choice).
+        self.attn_impl = resolve_attn_impl(cfg.model.attn_impl, max(len(s.input_ids) for s in self.data.train),
+                                           precision=self.precision)
         trainable, total = self._setup_model(model_path)
         # The ranks of a sequence-parallel group read the same samples, each its slice of them.
         self.data_rank, self.data_size = self.sp.data_split(self.strategy.dp_rank, self.strategy.dp_size)
@@ -66,10 +67,11 @@ class Trainer:
                                cfg.log.wandb_project, cfg.log.wandb_mode, OmegaConf.to_container(OmegaConf.structured(cfg)),
                                run_id=self.state.wandb_run_id, enabled=dist_info.is_main)
         if dist_info.is_main:
-            save_config(cfg, str(self.output_dir / "config.yaml"))
+            resolved = replace(cfg, model=replace(cfg.model, attn_impl=self.attn_impl))  # what ran, not "auto"
+            save_config(resolved, str(self.output_dir / "config.yaml"))
             log.info("model %s: %.2fM params, %.2fM trainable (%s, %s, %s attention, strategy %s, %d ranks)",
                      model_path, total / 1e6, trainable / 1e6, cfg.model.train_type, self.precision,
-                     cfg.model.attn_impl, self.strategy.name, dist_info.world_size)
+                     self.attn_impl, self.strategy.name, dist_info.world_size)
             log.info("data: %d train / %d eval samples; global batch %d; %d steps to go",
                      len(self.data.train), len(self.data.val), self.sampler.global_batch,
                      self.total_steps - self.state.step)
@@ -78,16 +80,15 @@ class Trainer:
         # Every rank must build the same initial weights (LoRA's random A matrices too): sharded
         # strategies keep each rank's own slice of them instead of broadcasting rank 0's copy.
         torch.manual_seed(self.cfg.train.seed)
-        model = self.strategy.build_model(model_path)
+        model = self.strategy.build_model(model_path, self.attn_impl)
         counts = count_params(model, self.strategy.param_shape)
         self.sp.apply(model)
         self.strategy.wrap(model)
         return counts
 
     def _plan_run(self, saved) -> None:
-        """The run's length in samples is fixed at its first start: --max-steps counts steps of the first
-        start's global batch, so a run resumed on another world size keeps its length and LR schedule;
-        changing --max-steps or --epochs on resume resizes it."""
+        """The run's length in samples is fixed at its first start (a resume on another world size keeps its
+        length and LR schedule); changing --max-steps or --epochs on resume resizes it."""
         t, s = self.cfg.train, self.state
         same_length = saved and saved.total_samples and (saved.max_steps, saved.epochs) == (t.max_steps, t.epochs)
         s.total_samples = saved.total_samples if same_length else self.sampler.run_length(t.max_steps, t.epochs)
@@ -164,13 +165,11 @@ class Trainer:
         still joins the collectives, with one padding token whose label is ignored."""
         pad = self.tokenizer.pad_token_id
         # flash-attention takes a micro-batch as one row with explicit sample boundaries: no padding at all.
-        flat = self.strategy.runs_hf_model and self.cfg.model.attn_impl == "flash_attention_2"
+        flat = self.strategy.runs_hf_model and self.attn_impl == "flash_attention_2"
         return self.sp.shard(collate(samples or [Sample([pad], [IGNORE], [0], [])], pad, self.cfg.data.packing, flat))
 
     def _on_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    # ---- logging and eval ---------------------------------------------------------------------
 
     def _log_step(self, loss, grad_norm, lr, tokens: float, seconds) -> None:
         self.metrics.advance(1, loss=loss.item())

@@ -85,7 +85,7 @@ class MegatronStrategy(Strategy):
 
     # ---- building -----------------------------------------------------------------------------
 
-    def build_model(self, path: Path) -> torch.nn.Module:
+    def build_model(self, path: Path, attn_impl: str | None = None) -> torch.nn.Module:  # mcore's own attention
         from megatron.core import tensor_parallel
         from transformers import AutoConfig
 
