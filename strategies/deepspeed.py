@@ -174,7 +174,7 @@ class ZeroStrategy(Strategy):
         init = {k: v for k, v in self.ds_config.items() if k != "torch_autocast"}
         return {**init, "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
 
-    def build_model(self, path):
+    def build_model(self, path, attn_impl: str | None = None):
         import deepspeed
         from transformers import AutoConfig
 
@@ -183,7 +183,7 @@ class ZeroStrategy(Strategy):
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         self._fill_model_sizes(AutoConfig.from_pretrained(path).hidden_size)
-        return super().build_model(path)
+        return super().build_model(path, attn_impl)
 
     def wrap(self, model) -> None:
         import deepspeed
