@@ -58,9 +58,12 @@ class SequenceParallel:
     size: int = 1
     rank: int = 0  # within the group
     group: object = None
+    packed: bool = True
+    """Rows may hold several samples. Without packing a row is one sample and its trailing padding, so
+    plain causal attention is exact for every labelled token: sdpa then needs no seq x seq mask."""
 
     @classmethod
-    def setup(cls, size: int) -> "SequenceParallel":
+    def setup(cls, size: int, packed: bool) -> "SequenceParallel":
         """Groups of `size` consecutive ranks (on one node when they fit: all-to-all is bandwidth-hungry).
         Collective: every rank creates every group."""
         if size == 1:
@@ -71,7 +74,7 @@ class SequenceParallel:
             group = dist.new_group(list(range(start, start + size)))
             if start <= me < start + size:
                 mine = group
-        return cls(size, me % size, mine)
+        return cls(size, me % size, mine, packed)
 
     def data_split(self, rank: int, world_size: int) -> tuple[int, int]:
         """(data-parallel rank, data-parallel size): a group reads as one data-parallel rank."""
@@ -125,15 +128,15 @@ class _UlyssesAttention:
             from transformers.integrations.flash_attention import flash_attention_forward
 
             out, weights = flash_attention_forward(module, q, k, v, None, position_ids=positions, **kwargs)
+        elif self.inner == "eager":
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+            out, weights = eager(module, q, k, v, self._mask(local_positions, positions, q.dtype), **kwargs)
         else:
-            mask = self._mask(local_positions, positions, q.dtype)
-            if self.inner == "eager":
-                eager = sys.modules[type(module).__module__].eager_attention_forward
-                out, weights = eager(module, q, k, v, mask, **kwargs)
-            else:
-                from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-                out, weights = sdpa_attention_forward(module, q, k, v, mask, is_causal=False, **kwargs)
+            # Unpacked rows take the fused causal kernel: no seq x seq mask, no scores kept for backward.
+            mask = self._mask(local_positions, positions, q.dtype) if self.sp.packed else None
+            out, weights = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)
         return self._sequence_to_group(out), weights
 
     def _whole(self, local: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ class Trainer:
         sequence_parallel.check(cfg.parallel.sequence_parallel, dist_info.world_size,
                                 load_model_config(model_path, cfg.model.trust_remote_code), strategy.runs_hf_model)
         self.strategy = strategy(cfg, dist_info, self.precision)
-        self.sp = sequence_parallel.SequenceParallel.setup(cfg.parallel.sequence_parallel)
+        self.sp = sequence_parallel.SequenceParallel.setup(cfg.parallel.sequence_parallel, cfg.data.packing)
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         self.checkpointer = Checkpointer(cfg, dist_info, self.strategy, self.tokenizer)
         found = self.checkpointer.find()

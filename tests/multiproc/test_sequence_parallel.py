@@ -40,7 +40,10 @@ def assert_same_curve(reference, other) -> None:
         assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-5), (a, b)
 
 
-COMBOS = [("ddp", "lora", False), ("fsdp", "full", True), ("ddp", "full", True), ("fsdp", "lora", False)]
+# Both attention paths of each kind: sdpa packed (a block-causal mask from the whole row's positions),
+# sdpa padded (the fused causal kernel), eager packed and padded (an additive mask).
+COMBOS = [("ddp", "lora", False, "eager"), ("fsdp", "full", True, "sdpa"), ("ddp", "full", True, "eager"),
+          ("fsdp", "lora", False, "sdpa")]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +53,11 @@ def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("sp2")
     data = write_jsonl(root / "data.jsonl", arithmetic_rows(24))
     runs = {}
-    for strategy, train_type, packing in COMBOS:
+    for strategy, train_type, packing, attn in COMBOS:
         name = f"{strategy}-{train_type}-{'packed' if packing else 'padded'}"
-        runs[f"{name}-sp1"] = base_args("tiny-llama", data, root / f"{name}-sp1", strategy, train_type, packing, 1, 2, 1)
-        runs[f"{name}-sp2"] = base_args("tiny-llama", data, root / f"{name}-sp2", strategy, train_type, packing, 2, 2, 2)
+        for sp, accum in ((1, 1), (2, 2)):
+            runs[f"{name}-sp{sp}"] = base_args("tiny-llama", data, root / f"{name}-sp{sp}", strategy, train_type, packing,
+                                               sp, 2, accum, "--attn-impl", attn)
     for strategy in ("zero2", "zero3"):  # against ddp-lora-padded-sp1: ZeRO matches DDP to ~1e-7 in fp32
         runs[f"{strategy}-sp2"] = base_args("tiny-llama", data, root / f"{strategy}-sp2", strategy, "lora", False, 2, 2, 2)
     runs["qlora-sp1"] = base_args("tiny-llama", data, root / "qlora-sp1", "ddp", "qlora", False, 1, 2, 1)
@@ -68,8 +72,8 @@ def two_ranks(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("strategy, train_type, packing", COMBOS)
-def test_sp2_matches_sp1(two_ranks, strategy, train_type, packing):
+@pytest.mark.parametrize("strategy, train_type, packing, attn", COMBOS)
+def test_sp2_matches_sp1(two_ranks, strategy, train_type, packing, attn):
     name = f"{strategy}-{train_type}-{'packed' if packing else 'padded'}"
     assert_same_curve(two_ranks / f"{name}-sp1", two_ranks / f"{name}-sp2")
 

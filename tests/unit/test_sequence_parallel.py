@@ -40,7 +40,7 @@ def test_slices_carry_the_targets_shifted_before_the_cut():
     labels = torch.tensor([[IGNORE, IGNORE, 3, 4, 5, 6, 7]])
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])  # two packed samples
     batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    parts = [SequenceParallel(2, r).shard(dict(batch)) for r in range(2)]
+    parts = [SequenceParallel(2, r, packed=True).shard(dict(batch)) for r in range(2)]
     targets = torch.cat([p["shift_labels"] for p in parts], dim=1)
     # Rank 0's last token (position 3) predicts rank 1's first token (label 5): the shift crossed the cut.
     assert targets.tolist() == [[*shifted_targets(labels)[0].tolist(), IGNORE]]
