@@ -36,7 +36,7 @@ def choose(cfg, precision: str, dist_info) -> type[Strategy]:
         dist.all_reduce(budget, op=dist.ReduceOp.MIN)
     usable = budget.item() * HEADROOM
     seq_len = -(-cfg.data.max_length // cfg.parallel.sequence_parallel)  # a rank's share of each sequence
-    stats = model_stats(cfg.model.model, cfg.model, precision, seq_len, cfg.train.batch_size)
+    stats = model_stats(cfg.model.model, cfg.model, precision, seq_len, cfg.train.batch_size, cfg.train.loss_chunk_size)
     notes = []
     for name in (n for n in PREFERENCE if n in names()):
         strategy = get_strategy_class(name)

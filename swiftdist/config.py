@@ -53,8 +53,8 @@ class ModelConfig:
     """Recompute activations in the backward pass instead of keeping them: less memory, more compute
     (--checkpointing-mode says how much)."""
     checkpointing_mode: str = "full"
-    """With --gradient-checkpointing: full (each decoder layer's forward runs again: the least memory)
-    or selective (keeps the matmul and attention outputs, recomputes the cheap rest)."""
+    """With --gradient-checkpointing: full (every decoder layer's forward runs again: the least memory)
+    or selective (every second layer: about half the memory saved for half the recompute)."""
     activation_offload: bool = False
     """With --gradient-checkpointing: keep what is saved for the recompute (each decoder layer's input)
     in host memory, copied back in the backward pass. On a CPU host it is there already (a no-op)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from swiftdist.loss import DEFAULT_CHUNK
 from swiftdist.memory import GIB, ModelStats, estimate, model_stats
 
 
@@ -32,7 +33,7 @@ def _size(n: float) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from swiftdist.config import RunConfig
+    from swiftdist.config import RunConfig, validate
     from swiftdist.strategies import get_strategy_class, names
     from swiftdist.strategies.auto import PREFERENCE
 
@@ -48,6 +49,12 @@ def main(argv: list[str]) -> int:
                         help="Ulysses group size: each device holds 1/N of every sequence's activations")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--checkpointing-mode", default="full", choices=["full", "selective"],
+                        help="with --gradient-checkpointing: every decoder layer, or every second one")
+    parser.add_argument("--activation-offload", action="store_true",
+                        help="with --gradient-checkpointing: what it saves is counted in host memory")
+    parser.add_argument("--loss-chunk-size", type=int, default=DEFAULT_CHUNK,
+                        help="labelled positions per LM-head chunk in the loss (0: all at once)")
     parser.add_argument("--gpu-memory", type=float, help="GiB per device: marks which strategies fit")
     args = parser.parse_args(argv)
     candidates = [n for n in PREFERENCE if n in names()]
@@ -57,15 +64,20 @@ def main(argv: list[str]) -> int:
     cfg = RunConfig()
     cfg.model.train_type, cfg.model.lora_rank = args.train_type, args.lora_rank
     cfg.model.gradient_checkpointing = args.gradient_checkpointing
+    cfg.model.checkpointing_mode, cfg.model.activation_offload = args.checkpointing_mode, args.activation_offload
+    cfg.train.loss_chunk_size = args.loss_chunk_size
+    validate(cfg)  # e.g. --activation-offload without --gradient-checkpointing, in the run's own words
     # Under sequence parallelism a device keeps the activations of its 1/N of the tokens; attention in
     # between holds the whole sequence for 1/N of the heads, the same bytes.
     stats = model_stats(args.model, cfg.model, args.precision, -(-args.seq_len // args.sequence_parallel),
-                        args.micro_batch)
+                        args.micro_batch, args.loss_chunk_size)
     refusals = {n: r for n in candidates if (r := get_strategy_class(n).refusal(cfg, args.precision))}
     print(f"{args.model}: {stats.n_params / 1e9:.3f}B params, {stats.n_trainable / 1e6:.2f}M trainable "
           f"({args.train_type}, {args.precision}); seq {args.seq_len} x micro-batch {args.micro_batch}"
           f"{f', sequence parallel {args.sequence_parallel}' if args.sequence_parallel > 1 else ''}"
-          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; {args.gpus} device(s); "
+          f"{f', {args.checkpointing_mode} gradient checkpointing' if args.gradient_checkpointing else ''}"
+          f"{', activation offload' if args.activation_offload else ''}"
+          f"; loss chunks of {args.loss_chunk_size or 'all'} positions; {args.gpus} device(s); "
           "bytes per device")
     print(table(stats, candidates, args.gpus, args.gpu_memory, refusals))
     return 0

@@ -105,6 +105,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 *(next(param_grads) if needs else None for needs in ctx.needs_input_grad[4:]))
 
 
+def labelled_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions a batch's loss counts, as indices into its flattened (rows x sequence)
+    positions, and the token each predicts."""
+    targets = batch_targets(batch).reshape(-1)
+    index = (targets != IGNORE).nonzero().squeeze(1)
+    return index, targets[index]
+
+
 def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor],
                    chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Summed token cross-entropy of a batch (fp32), as transformers' own loss with reduction "sum".
@@ -114,14 +122,22 @@ def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[st
     vocab] logits tensor, returned through the model as it returns logits (for a model that changes
     its logits after the head, such as Gemma 2's softcapping, which the chunks cannot follow).
     """
-    targets = batch_targets(batch)
-    labelled = targets != IGNORE
-    targets = targets[labelled]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    return labelled_loss_sum(model, head, inputs, *labelled_positions(batch), chunk_size)
+
+
+def labelled_loss_sum(model: torch.nn.Module, head: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                      index: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """token_loss_sum with the positions already found (labelled_positions): nothing in here depends
+    on the values of a tensor, so it also runs on shapes alone (swiftdist.memory)."""
+
+    def labelled(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.flatten(0, 1).index_select(0, index)
+
     # Hooks rather than a loss on the returned logits: the head must never see the other positions,
     # and they run inside the head's call, where every wrapper (FSDP, ZeRO-3) has gathered its weight.
     if not chunk_size:
-        handles = [head.register_forward_pre_hook(lambda _, args: (args[0][labelled].unsqueeze(0),))]
+        handles = [head.register_forward_pre_hook(lambda _, args: (labelled(args[0]).unsqueeze(0),))]
         with _removed_after(handles):
             logits = model(**inputs).logits
         return F.cross_entropy(logits[0].float(), targets, reduction="sum")
@@ -130,7 +146,7 @@ def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[st
     head_output: list[torch.Tensor] = []
 
     def take_hidden(_, args):
-        taken.append(args[0][labelled])
+        taken.append(labelled(args[0]))
         return (args[0][:, :0],)  # no positions: the loss below is computed in place of the logits
 
     def loss_as_output(module, _, __):
@@ -145,7 +161,9 @@ def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[st
                head.register_forward_hook(lambda _, __, out: head_output.append(out))]
     with _removed_after(handles):
         loss = model(**inputs).logits
-    if head not in _VERIFIED_HEADS:
+    if loss is not head_output[0] and head not in _VERIFIED_HEADS:
+        # A wrapper may pass the head's output on as a new tensor of the same value (ZeRO-3 does); a
+        # model that softcaps or scales its logits changes the value.
         if loss.shape != () or not torch.equal(loss, head_output[0]):
             raise SwiftdistError(f"{type(model).__name__} changes its logits after the LM head (e.g. softcapping "
                                  "or scaling them), which the chunked loss cannot follow; use --loss-chunk-size 0")
@@ -153,7 +171,7 @@ def token_loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: dict[st
     return loss
 
 
-# Heads whose model was seen to return the head's output unchanged (checked once: it syncs a GPU).
+# Heads whose model was seen to pass a wrapped head output on unchanged (checked once: it syncs a GPU).
 _VERIFIED_HEADS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 

@@ -4,10 +4,11 @@ anything (`swiftdist estimate` prints it, `--strategy auto` chooses by it).
 Works from a model config alone (a model dir, a config.json, or an alias): no weights are read and
 no memory is allocated. Parameter counts and activation sizes are *measured* on the real HF
 architecture (with the LoRA adapters applied) under FakeTensorMode, which runs the forward pass
-with shapes and dtypes but no data; every tensor autograd saves for backward is counted. Only a
-1- and a 2-layer copy of the model are run, and the layer count is extrapolated (decoder layers
-are identical), so a 70B config takes seconds. Every token counts as labelled, so the LM head's
-activations are an upper bound: training computes logits only at labelled positions (swiftdist.loss).
+with shapes and dtypes but no data, through the training loss (swiftdist.loss, chunked as
+configured); the peak of the tensors autograd holds for backward is counted. Only copies with 1, 2
+(and, for selective checkpointing, 3) layers are run, and the layer count is extrapolated (decoder
+layers are identical), so a 70B config takes seconds. Every token counts as labelled, so the LM
+head's share is an upper bound: training computes logits only at labelled positions.
 
 What each strategy keeps per device, from these counts, is each strategy's `memory_estimate`.
 """
@@ -15,7 +16,9 @@ What each strategy keeps per device, from these counts, is each strategy's `memo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import torch
 
 from swiftdist.config import ModelConfig
 from swiftdist.errors import SwiftdistError
+from swiftdist.loss import DEFAULT_CHUNK
 
 GIB = 2**30
 # NF4 with double quantisation: 4 bits per weight, one 8-bit absmax per 64 weights, and one fp32
@@ -51,7 +55,9 @@ class ModelStats:
     compute_bytes: int
     """2 when computing in bf16, else 4: the dtype FSDP gathers layers in."""
     activations: int
-    """Bytes autograd saves for backward in one micro-batch."""
+    """Peak bytes autograd holds for backward in one micro-batch, on the device."""
+    offloaded: int = 0
+    """Bytes that --activation-offload keeps in host memory instead (what checkpointing saves)."""
 
     @property
     def frozen_bytes(self) -> float:
@@ -90,21 +96,45 @@ def _with_layers(hf_config, n: int):
     return cfg
 
 
-def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int, micro_batch: int) -> dict:
-    """Parameter counts and saved-activation bytes of `hf_config` under FakeTensorMode."""
+def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int, micro_batch: int,
+             loss_chunk_size: int) -> dict:
+    """Parameter counts and activation bytes of `hf_config` under FakeTensorMode: the peak of what
+    autograd holds for backward (a loss chunk's logits are freed before the next), and of that what
+    the checkpointed layers save (what --activation-offload moves)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from swiftdist.activations import enable_checkpointing
+    from swiftdist.loss import labelled_loss_sum, labelled_positions, output_head
     from swiftdist.model import lora_target_modules
 
-    saved: dict[int, int] = {}
+    held: dict[int, list[int]] = {}  # storage -> [bytes, saved tensors holding it]
+    totals = {"now": 0, "peak": 0, "offloadable": 0, "in_checkpoint": 0}
+
+    def release(key):
+        held[key][1] -= 1
+        if not held[key][1]:
+            totals["now"] -= held.pop(key)[0]
 
     def pack(t):
         # Parameters (and views of them) are counted as parameters, not activations.
         if not isinstance(t, torch.nn.Parameter) and not isinstance(t._base, torch.nn.Parameter):
             storage = t.untyped_storage()
-            saved[storage._cdata] = storage.nbytes()
+            entry = held.setdefault(storage._cdata, [storage.nbytes(), 0])
+            if not entry[1]:
+                totals["now"] += entry[0]
+                totals["peak"] = max(totals["peak"], totals["now"])
+                totals["offloadable"] += entry[0] if totals["in_checkpoint"] else 0
+            entry[1] += 1
+            weakref.finalize(t, release, storage._cdata)
         return t
+
+    def entering(*_):
+        totals["in_checkpoint"] += 1
+
+    def leaving(*_):
+        totals["in_checkpoint"] -= 1
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
@@ -115,15 +145,17 @@ def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int
             n_quantized = sum(m.weight.numel() for m in model.modules()
                               if isinstance(m, torch.nn.Linear) and m is not output)
         if model_cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, dataclasses.replace(model_cfg, activation_offload=False))
+            for layer in model.modules():  # what these layers save is what offload moves
+                if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
+                    layer.register_forward_pre_hook(entering)
+                    layer.register_forward_hook(leaving)
         if model_cfg.train_type != "full":
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(
                 r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
                 target_modules=lora_target_modules(model, list(model_cfg.target_modules)), task_type="CAUSAL_LM"))
-            if model_cfg.gradient_checkpointing:
-                model.enable_input_require_grads()
         model.train()
     counts = {  # before to_empty(), which would untie tied embeddings
         "params": sum(p.numel() for p in model.parameters()),
@@ -134,29 +166,40 @@ def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int
     # for them, and attention dispatches to the fused kernel (no seq x seq matrix), as on a GPU.
     # The trainer's forward runs under bf16 autocast, which decides what dtype saved tensors have.
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+    positions = labelled_positions({"labels": ids})  # real tensors: which positions count depends on values
     with FakeTensorMode(allow_non_fake_inputs=True), autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.to_empty(device="cpu")
-        ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
-        model(input_ids=ids, labels=ids)
-    return {**counts, "activations": sum(saved.values())}
+        loss = labelled_loss_sum(model, output_head(model), {"input_ids": ids}, *positions, loss_chunk_size)
+    del loss
+    return {**counts, "activations": totals["peak"], "offloadable": totals["offloadable"]}
 
 
-def model_stats(model: str, model_cfg: ModelConfig, precision: str, seq_len: int, micro_batch: int) -> ModelStats:
-    """Counts for the whole model from a 1-layer and a 2-layer copy (the layers are identical)."""
+def model_stats(model: str, model_cfg: ModelConfig, precision: str, seq_len: int, micro_batch: int,
+                loss_chunk_size: int = DEFAULT_CHUNK) -> ModelStats:
+    """Counts for the whole model from copies with 1 to k + 1 layers, where every k-th layer is
+    checkpointed (k = 1 without checkpointing): each kind of layer is measured once."""
+    from swiftdist.activations import EVERY_N_LAYERS
     from swiftdist.model import weight_dtype
 
     hf_config = _hf_config(model)
     n_layers = hf_config.num_hidden_layers
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
-    one, two = (_measure(_with_layers(hf_config, n), model_cfg, compute, seq_len, micro_batch) for n in (1, 2))
-    whole = {k: one[k] + (n_layers - 1) * (two[k] - one[k]) for k in one}
+    k = EVERY_N_LAYERS[model_cfg.checkpointing_mode] if model_cfg.gradient_checkpointing else 1
+    runs = [_measure(_with_layers(hf_config, n), model_cfg, compute, seq_len, micro_batch, loss_chunk_size)
+            for n in range(1, k + 2)]
+    # Layer j (0-based) is the one added going from j to j + 1 layers; layers j and j + k are alike.
+    whole = {key: runs[0][key] + sum(runs[(j - 1) % k + 1][key] - runs[(j - 1) % k][key] for j in range(1, n_layers))
+             for key in runs[0]}
+    one, two = runs[0], runs[1]
     weight = weight_dtype(model_cfg, precision).itemsize
+    offloaded = whole["offloadable"] if model_cfg.activation_offload else 0
     return ModelStats(
         n_params=whole["params"], n_trainable=whole["trainable"], n_quantized=whole["quantized"],
         n_layers=n_layers, layer_params=two["params"] - one["params"],
         layer_trainable=two["trainable"] - one["trainable"], hidden_size=hf_config.hidden_size,
         weight_bytes=weight, trainable_bytes=4 if model_cfg.train_type != "full" else weight,
-        compute_bytes=compute.itemsize, activations=whole["activations"],
+        compute_bytes=compute.itemsize, activations=whole["activations"] - offloaded, offloaded=offloaded,
     )
 
 
@@ -166,6 +209,7 @@ def estimate(stats: ModelStats, strategy: str, world_size: int) -> dict[str, flo
 
     parts = dict(get_strategy_class(strategy).memory_estimate(stats, world_size))
     parts["activations"] = stats.activations
+    parts["host"] += stats.offloaded
     parts["total"] = sum(parts[k] for k in ("params", "buffers", "grads", "optimizer", "activations"))
     return parts
 

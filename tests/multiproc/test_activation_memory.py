@@ -56,6 +56,6 @@ def test_chunked_loss_gives_the_whole_loss_steps(runs, strategy):
 
 @pytest.mark.parametrize("run", ["fsdp-chunked-selective", "zero3-chunked-full"])
 def test_checkpointing_recomputes_bit_identical_steps(runs, run):
-    # The recompute runs the same kernels on the same inputs (dropout replays its RNG state), and
-    # selective checkpointing keeps outputs the forward computed: the same bits, no tolerance.
+    # The recompute runs the same kernels on the same inputs (dropout replays its RNG state): the
+    # same bits, no tolerance.
     assert runs[run] == runs[run.rsplit("-", 1)[0]]

@@ -138,6 +138,22 @@ def test_evaluation_without_grad_mode_computes_no_gradients(model_and_samples):
     assert seen.largest == 4 * model.config.vocab_size
 
 
+def test_a_model_that_changes_its_logits_after_the_head_needs_the_whole_loss(model_and_samples):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    model, tok, samples = model_and_samples
+    batch = collate(samples, tok.pad_token_id, False)
+    whole = token_loss_sum(model, model.lm_head, batch, 0)
+    # As Gemma 2 does: the model softcaps what its head returned, which a chunked loss never sees.
+    softcap = model.register_forward_hook(lambda m, a, out: CausalLMOutputWithPast(logits=3 * torch.tanh(out.logits / 3)))
+    try:
+        with pytest.raises(SwiftdistError, match="changes its logits after the LM head.*use --loss-chunk-size 0"):
+            token_loss_sum(model, model.lm_head, batch, 4)
+        assert token_loss_sum(model, model.lm_head, batch, 0) != whole  # the whole loss goes through the softcap
+    finally:
+        softcap.remove()
+
+
 def test_a_row_without_labels_gives_zero_loss_and_still_runs_backward(model_and_samples):
     model, tok, _ = model_and_samples
     batch = collate(build_samples(tok, [conv("hi", "x")], DataConfig())[:1], tok.pad_token_id, False)

@@ -183,6 +183,7 @@ def test_estimated_counts_equal_the_loaded_model(tiny_llama, train_type):
 
 def test_estimated_activations_equal_what_autograd_saves(tiny_llama):
     """Same count on real tensors: what a real forward of the loaded model saves for backward."""
+    from swiftdist.loss import output_head, token_loss_sum
     from swiftdist.model import load_model
 
     model = load_model(ModelConfig(train_type="lora"), tiny_llama, "bf16").train()
@@ -195,7 +196,7 @@ def test_estimated_activations_equal_what_autograd_saves(tiny_llama):
 
     ids = torch.randint(0, 1000, (2, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        token_loss_sum(model, output_head(model), {"input_ids": ids, "labels": ids})  # the training loss
     assert _stats(tiny_llama, "lora").activations == pytest.approx(sum(saved.values()), rel=0.01)
 
 
