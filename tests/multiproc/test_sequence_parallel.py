@@ -122,9 +122,8 @@ def test_sp4_on_four_ranks_matches_one_rank(tmp_path):
     sft(1, base_args(model, data, tmp_path / "sp1", "ddp", "lora", True, 1, 2, 2))
     root = tmp_path / "sp4"
     root.mkdir()
-    (root / "runs.json").write_text(json.dumps([base_args(model, data, tmp_path / "sp4-ddp", "ddp", "lora", True, 4, 2, 2),
-                                                base_args(model, data, tmp_path / "sp4-fsdp", "fsdp", "lora", True, 4, 2, 2)]))
+    # One 4-rank run (4 processes on CI's 2 cores are slow); fsdp with SP is covered at SP=2 above.
+    (root / "runs.json").write_text(json.dumps([base_args(model, data, tmp_path / "sp4-ddp", "ddp", "lora", True, 4, 2, 2)]))
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={free_port()}",
              DRIVER, str(root / "runs.json")], cwd=str(REPO))
     assert_same_curve(tmp_path / "sp1", tmp_path / "sp4-ddp")
-    assert_same_curve(tmp_path / "sp1", tmp_path / "sp4-fsdp")
