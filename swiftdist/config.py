@@ -114,9 +114,10 @@ class TrainConfig:
     """Seeds the data order, the validation split, `#N` sampling and dropout."""
     eval_steps: int = 0
     """Evaluate every N steps (0: only at the end, when there is a validation split)."""
-    loss_chunk_size: int = 1024
-    """Labelled positions per LM-head call in the loss: at most this many rows of vocabulary-wide
-    logits exist at once (0: all at once, for a model that changes its logits after the head)."""
+    loss_chunk_size: int = 0
+    """Labelled positions per LM-head call in the loss (e.g. 1024): at most this many rows of
+    vocabulary-wide logits exist at once, for long sequences. 0: all labelled positions at once (also
+    for a model that changes its logits after the head, e.g. Gemma 2's softcapping)."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from swiftdist.loss import DEFAULT_CHUNK
+from swiftdist.config import TrainConfig
 from swiftdist.memory import GIB, ModelStats, estimate, model_stats
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
                         help="with --gradient-checkpointing: every decoder layer, or every second one")
     parser.add_argument("--activation-offload", action="store_true",
                         help="with --gradient-checkpointing: what it saves is counted in host memory")
-    parser.add_argument("--loss-chunk-size", type=int, default=DEFAULT_CHUNK,
+    parser.add_argument("--loss-chunk-size", type=int, default=TrainConfig.loss_chunk_size,
                         help="labelled positions per LM-head chunk in the loss (0: all at once)")
     parser.add_argument("--gpu-memory", type=float, help="GiB per device: marks which strategies fit")
     args = parser.parse_args(argv)

@@ -26,7 +26,6 @@ import torch
 
 from swiftdist.config import ModelConfig
 from swiftdist.errors import SwiftdistError
-from swiftdist.loss import DEFAULT_CHUNK
 
 GIB = 2**30
 # NF4 with double quantisation: 4 bits per weight, one 8-bit absmax per 64 weights, and one fp32
@@ -176,7 +175,7 @@ def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int
 
 
 def model_stats(model: str, model_cfg: ModelConfig, precision: str, seq_len: int, micro_batch: int,
-                loss_chunk_size: int = DEFAULT_CHUNK) -> ModelStats:
+                loss_chunk_size: int = 0) -> ModelStats:
     """Counts for the whole model from copies with 1 to k + 1 layers, where every k-th layer is
     checkpointed (k = 1 without checkpointing): each kind of layer is measured once."""
     from swiftdist.activations import EVERY_N_LAYERS

@@ -196,7 +196,7 @@ def test_estimated_activations_equal_what_autograd_saves(tiny_llama):
 
     ids = torch.randint(0, 1000, (2, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        token_loss_sum(model, output_head(model), {"input_ids": ids, "labels": ids})  # the training loss
+        token_loss_sum(model, output_head(model), {"input_ids": ids, "labels": ids}, 0)  # the training loss
     assert _stats(tiny_llama, "lora").activations == pytest.approx(sum(saved.values()), rel=0.01)
 
 
