@@ -94,8 +94,6 @@ class Trainer:
         s.total_samples = saved.total_samples if same_length else self.sampler.run_length(t.max_steps, t.epochs)
         self.total_steps = s.step + self.sampler.steps_left(s.consumed_in_epoch, s.consumed_total, s.total_samples)
 
-    # ---- the loop ----------------------------------------------------------------------------
-
     def train(self) -> int:
         """Runs to the end (returns 0) or until preempted (returns PREEMPTED_EXIT_CODE after saving)."""
         cfg, state = self.cfg, self.state
@@ -124,10 +122,11 @@ class Trainer:
             # Every rank must take the same branch: rank 0's clock and any rank's signal decide for all.
             stop, due = any_rank(preemption.requested() is not None,
                                  self.dist.is_main and self.checkpointer.due_by_time())
+            if stop:
+                log.warning("stop signal received: saving a checkpoint at step %d and exiting", state.step)
             if due or stop or (cfg.checkpoint.save_steps and state.step % cfg.checkpoint.save_steps == 0):
                 self.checkpointer.save(state)
             if stop:
-                log.warning("stop signal received: saved a checkpoint at step %d, exiting", state.step)
                 self.metrics.close(plot=False)  # seconds of matplotlib the grace period may not have
                 preemption.clear()
                 return PREEMPTED_EXIT_CODE

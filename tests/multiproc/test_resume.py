@@ -164,5 +164,5 @@ def test_resume_refuses_a_checkpoint_the_strategy_cannot_read(tmp_path_factory, 
     args = train_args(data_of(ref), tmp_path / "out", "--resume", str(ref), strategy="zero3")
     proc = run_cmd(torchrun_cmd(1, args), env=process_env(), check=False)
     assert proc.returncode == 2
-    assert "--strategy ddp in dcp format, which --strategy zero3 (deepspeed format) cannot read" in proc.stderr
+    assert "--strategy ddp in dcp format, which --strategy zero3 (deepspeed-zero3 format) cannot read" in proc.stderr
     assert "Traceback" not in proc.stderr
