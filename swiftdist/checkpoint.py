@@ -433,8 +433,7 @@ class Checkpointer:
             except OSError as e:
                 error = e
         if not all_ranks_ok(error is None):  # also hears of a commit that failed on rank 0
-            if error is not None and not _is_io_error(error):
-                raise error
+            _reraise_unless_write_failure(error)
             self._give_up(tmp, state.step, error)
         if final is not None:
             log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
@@ -465,14 +464,23 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - see save()
             error = e
         if not all_ranks_ok(error is None):
-            if error is not None and not _is_io_error(error):
-                raise error
+            _reraise_unless_write_failure(error)
             raise SwiftdistError(f"writing {self.output_dir / 'final'} failed "
                                  f"({_one_line(error) if error else 'on another rank'}); the last checkpoint is "
                                  f"complete: free space, then `swiftdist export --checkpoint {self.output_dir}`")
         if self.dist.is_main:
             log.info("final %s saved to %s", "adapter" if self.adapter_only else "model", self.output_dir / "final")
         barrier()
+
+
+# How libraries that wrap an OSError (DCP, safetensors) still say it was the disk.
+WRITE_FAILURES = ("No space left", "Disk quota", "Read-only file system", "Input/output error")
+
+
+def _reraise_unless_write_failure(error: Exception | None) -> None:
+    """A failure that is not the disk's is a bug: it keeps its traceback."""
+    if error is not None and not _is_io_error(error):
+        raise error
 
 
 def _is_io_error(error: Exception) -> bool:
@@ -483,7 +491,7 @@ def _is_io_error(error: Exception) -> bool:
         if isinstance(error, OSError):
             return True
         text = str(error)
-        if any(s in text for s in ("No space left", "Disk quota", "Read-only file system", "Input/output error")):
+        if any(s in text for s in WRITE_FAILURES):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -494,7 +502,7 @@ def _one_line(error: Exception) -> str:
         return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     text = str(error).strip()
     for line in text.splitlines():
-        if any(s in line for s in ("No space left", "Disk quota", "Read-only", "Input/output")):
+        if any(s in line for s in WRITE_FAILURES):
             return line.strip()
     return text.splitlines()[0] if text else type(error).__name__
 

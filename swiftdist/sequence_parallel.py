@@ -116,45 +116,57 @@ class _UlyssesAttention:
 
     def __init__(self, sp: SequenceParallel, inner: str):
         self.sp, self.inner = sp, inner
-        self._mask_for = (None, None)  # (local position_ids, mask): built once per forward, shared by all layers
+        # The whole row's position_ids and mask, for the local position_ids they were made from: every
+        # layer of a forward gets the same tensor, so they are gathered and built once per forward.
+        self._row_for, self._row = None, {}
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         local_positions = kwargs.pop("position_ids")
-        positions = self._whole(local_positions)
         q, k, v = (self._heads_to_group(t) for t in (query, key, value))
         for stale in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
             kwargs.pop(stale, None)  # the slice's boundaries; flash finds the whole row's from position_ids
         if self.inner.startswith("flash"):
             from transformers.integrations.flash_attention import flash_attention_forward
 
-            out, weights = flash_attention_forward(module, q, k, v, None, position_ids=positions, **kwargs)
+            out, weights = flash_attention_forward(module, q, k, v, None, position_ids=self._whole(local_positions),
+                                                   **kwargs)
         elif self.inner == "eager":
             eager = sys.modules[type(module).__module__].eager_attention_forward
-            out, weights = eager(module, q, k, v, self._mask(local_positions, positions, q.dtype), **kwargs)
+            out, weights = eager(module, q, k, v, self._mask(local_positions, q.dtype), **kwargs)
         else:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
             # Unpacked rows take the fused causal kernel: no seq x seq mask, no scores kept for backward.
-            mask = self._mask(local_positions, positions, q.dtype) if self.sp.packed else None
+            mask = self._mask(local_positions, q.dtype) if self.sp.packed else None
             out, weights = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)
         return self._sequence_to_group(out), weights
 
-    def _whole(self, local: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(local) for _ in range(self.sp.size)]
-        dist.all_gather(parts, local.contiguous(), group=self.sp.group)
-        return torch.cat(parts, dim=1)
+    def _cached(self, local_positions: torch.Tensor, key: str, make):
+        if self._row_for is not local_positions:  # a new forward
+            self._row_for, self._row = local_positions, {}
+        if key not in self._row:
+            self._row[key] = make()
+        return self._row[key]
 
-    def _mask(self, local_positions, positions, dtype) -> torch.Tensor:
+    def _whole(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole row's position_ids (each rank has its slice's)."""
+        def gather():
+            parts = [torch.empty_like(local) for _ in range(self.sp.size)]
+            dist.all_gather(parts, local.contiguous(), group=self.sp.group)
+            return torch.cat(parts, dim=1)
+        return self._cached(local, "positions", gather)
+
+    def _mask(self, local_positions: torch.Tensor, dtype) -> torch.Tensor:
         """Causal within each segment of the whole row (a segment starts where position_ids restart)."""
-        if self._mask_for[0] is local_positions:
-            return self._mask_for[1]
-        segment = (positions == 0).cumsum(dim=1)
-        same = segment[:, :, None] == segment[:, None, :]
-        allowed = same & torch.ones_like(same[0]).tril()[None]
-        mask = allowed[:, None] if self.inner == "sdpa" else \
-            torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-        self._mask_for = (local_positions, mask)
-        return mask
+        def build():
+            segment = (self._whole(local_positions) == 0).cumsum(dim=1)
+            same = segment[:, :, None] == segment[:, None, :]
+            allowed = same & torch.ones_like(same[0]).tril()[None]
+            if self.inner == "sdpa":
+                return allowed[:, None]
+            blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        return self._cached(local_positions, "mask", build)
 
     def _heads_to_group(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, L/N, D] (all heads, this rank's slice) -> [B, H/N, L, D] (this rank's heads, whole sequence)."""
