@@ -32,7 +32,7 @@ import torch
 from swiftdist.config import DataConfig, parse_config
 from swiftdist.data import Conversation, Sample, collate, load_conversations, split_conversations, tokenize
 from swiftdist.errors import SwiftdistError
-from swiftdist.loss import DEFAULT_CHUNK, label_count, output_head, token_loss_sum
+from swiftdist.loss import DEFAULT_CHUNK, output_head, target_count, token_loss_sum
 
 log = logging.getLogger("swiftdist")
 
@@ -165,7 +165,7 @@ def conversation_loss(lm, tokenizer, conv: Conversation, max_length: int, chunk_
     ids, labels = tokenize(tokenizer, conv)
     ids, labels = ids[:max_length], labels[:max_length]
     batch = collate([Sample(ids, labels, list(range(len(ids))), [0])], tokenizer.pad_token_id, packed=False)
-    n = label_count(batch["labels"]).item()
+    n = target_count(batch).item()
     if n == 0:
         return 0.0, 0  # truncation removed every assistant token
     batch = {k: v.to(lm.device) for k, v in batch.items()}

@@ -62,11 +62,6 @@ def target_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch_targets(batch) != IGNORE).sum()
 
 
-def label_count(labels: torch.Tensor) -> torch.Tensor:
-    """How many positions of a batch the loss counts."""
-    return (shifted_targets(labels) != IGNORE).sum()
-
-
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Summed fp32 cross-entropy of `head_forward(hidden)` against `targets`, `chunk_size` rows at a time.
 

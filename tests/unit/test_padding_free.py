@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from swiftdist.config import DataConfig
 from swiftdist.data import IGNORE, Conversation, build_samples, collate, pack
-from swiftdist.loss import label_count, output_head, token_loss_sum
+from swiftdist.loss import output_head, target_count, token_loss_sum
 from swiftdist.model import load_tokenizer
 
 REFERENCE = "varlen_reference"
@@ -82,7 +82,7 @@ def test_flattened_batch_carries_the_samples_boundaries(tok):
     assert "attention_mask" not in batch
     # The same positions are trained as in the padded batch: no conversation predicts the next one's first token.
     padded = collate(rows, tok.pad_token_id, packed=True)
-    assert label_count(batch["labels"]) == label_count(padded["labels"])
+    assert target_count(batch) == target_count(padded)
     assert all(batch["labels"][0, start] == IGNORE for start in batch["cu_seq_lens_q"][:-1].tolist())
 
 
