@@ -232,6 +232,8 @@ def find_complete(path: str, flag: str) -> Path:
     for candidate in (Path(path), Path(path) / "latest", Path(path) / "checkpoints" / "latest"):
         if (candidate / COMPLETE).exists():
             return candidate.resolve()
+    if not Path(path).exists():
+        raise SwiftdistError(f"{flag} {path}: no such file or directory")
     raise SwiftdistError(f"{flag} {path}: not a complete checkpoint (no {COMPLETE} marker)")
 
 

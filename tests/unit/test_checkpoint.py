@@ -53,9 +53,12 @@ def test_resume_path_accepts_checkpoint_checkpoints_dir_or_output_dir(tmp_path, 
 def test_resume_auto_starts_fresh_and_a_bad_path_is_one_line(tmp_path):
     assert checkpoint.resolve_resume("auto", str(tmp_path)) is None
     assert checkpoint.resolve_resume(None, str(tmp_path)) is None
+    (tmp_path / "nope").mkdir()  # a folder that is not a checkpoint
     with pytest.raises(SwiftdistError, match="no COMPLETE marker") as e:
         checkpoint.resolve_resume(str(tmp_path / "nope"), str(tmp_path))
     assert "\n" not in str(e.value)
+    with pytest.raises(SwiftdistError, match="missing: no such file or directory$"):  # a typo in the path
+        checkpoint.resolve_resume(str(tmp_path / "missing"), str(tmp_path))
 
 
 def test_refusals_name_what_differs(tmp_path):
