@@ -73,6 +73,13 @@ class Strategy(ABC):
         """Context in which the model is constructed (e.g. ZeRO-3 partitions weights as they load)."""
         return contextlib.nullcontext()
 
+    def load_device(self) -> torch.device | None:
+        """Where from_pretrained puts the weights. A strategy that keeps the whole model on every rank
+        loads it straight onto the rank's device (no host copy to move it from). One that shards
+        overrides this: it loads on the host, so that no device holds the whole model before it is
+        partitioned, or returns None to leave placement to its model_init_context."""
+        return self.dist.device
+
     @staticmethod
     def param_shape(p: torch.nn.Parameter) -> torch.Size:
         """A parameter's real shape, also where build_model left only a placeholder of it on this rank
@@ -86,7 +93,8 @@ class Strategy(ABC):
         """
         from swiftdist.model import load_model
 
-        return load_model(self.cfg.model, path, self.precision, self.model_init_context, attn_impl=attn_impl)
+        return load_model(self.cfg.model, path, self.precision, self.model_init_context, attn_impl=attn_impl,
+                          device=self.load_device())
 
     @abstractmethod
     def wrap(self, model: torch.nn.Module) -> None:

@@ -342,6 +342,10 @@ class Zero3Strategy(ZeroStrategy):
     checkpoint_format = "deepspeed-zero3"
     stage = 3
 
+    def load_device(self) -> None:
+        # zero.Init places and partitions each weight as it is built (transformers refuses a device_map with it).
+        return None
+
 
 class Zero3OffloadStrategy(Zero3Strategy):
     name = "zero3-offload"

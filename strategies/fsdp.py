@@ -44,6 +44,11 @@ class FSDPStrategy(DCPStrategy):
     _initial: InitialValues | None = None
     """Set by build_model when the model is empty (meta): what wrap() fills each rank's shards with."""
 
+    def load_device(self) -> torch.device:
+        # A model loaded whole (QLoRA, or files it cannot slice) waits in host memory; wrap() moves
+        # it to the device one layer at a time, sharding as it goes.
+        return torch.device("cpu")
+
     def build_model(self, path, attn_impl: str | None = None) -> torch.nn.Module:
         # QLoRA quantizes inside from_pretrained (bitsandbytes packs whole tensors), so it loads whole.
         if self.cfg.model.train_type == "qlora":

@@ -228,9 +228,13 @@ def lora_target_modules(model, targets: list[str]) -> list[str]:
 
 
 def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contextlib.nullcontext, empty: bool = False,
-               attn_impl: str | None = None):
-    """HF model (on CPU, or partitioned at construction by `init_context`) with LoRA/QLoRA applied.
+               attn_impl: str | None = None, device: torch.device | str | None = "cpu"):
+    """HF model (on `device`, or partitioned at construction by `init_context` when `device` is None)
+    with LoRA/QLoRA applied.
 
+    `device` is always named: without a device_map, transformers puts a 4-bit model on the current
+    CUDA device whole (bitsandbytes' quantizer defaults its device_map to it), and a strategy that
+    shards must decide that instead.
     `empty`: parameters on the meta device, none read, for a strategy that fills its own shards
     (swiftdist/sharded_load.py); not for QLoRA, which quantizes as from_pretrained loads."""
     from transformers import AutoModelForCausalLM
@@ -248,8 +252,9 @@ def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contex
 
         model = empty_model(path, **kwargs)
     else:
+        placement = {} if device is None else {"device_map": {"": device}}
         with init_context():
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **placement)
     output_head(model)  # refuse a model without an LM head before any work
     model.config.use_cache = False
     if cfg.train_type == "qlora":
