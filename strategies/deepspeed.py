@@ -17,6 +17,13 @@ How the trainer's verbs map onto the engine:
   DeepSpeed's own `bf16` mode (bf16 weights and a pure-bf16 forward) learned visibly differently
   from DDP on full fine-tuning; docs/deepspeed-cpu.md has the figures.
 Checkpoints are DeepSpeed's own format (`save_checkpoint`), frozen weights excluded.
+
+Loading under ZeRO-3: the model is built on the meta device (no weight read), and wrap() gives each
+parameter its partition, then fills it from the rows of the safetensors tensor that cover this
+rank's range (swiftdist/sharded_load.py plans where every value comes from, LoRA's random init
+included). A rank never holds more than its partitions and one tensor's rows in flight. Models whose
+files cannot be read that way load under `zero.Init` (transformers); QLoRA loads whole on the host,
+where bitsandbytes quantizes it, and is partitioned one parameter at a time on the device.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from filelock import FileLock
 from swiftdist.checkpoint import fsync_tree
 from swiftdist.errors import SwiftdistError
 from swiftdist.model import weight_dtype
+from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import Strategy, build_optimizer, param_groups
 
 log = logging.getLogger("swiftdist")
@@ -61,6 +69,8 @@ class ZeroStrategy(Strategy):
     stage = 2
     offload = False
     _TAG = "zero"  # one checkpoint per directory, so a fixed tag
+    _initial: InitialValues | None = None
+    """ZeRO-3, set by build_model when the model is empty (meta): what wrap() fills each rank's partitions with."""
 
     def __init__(self, cfg, dist, precision):
         super().__init__(cfg, dist, precision)
@@ -150,10 +160,11 @@ class ZeroStrategy(Strategy):
 
     @contextlib.contextmanager
     def model_init_context(self):
-        """ZeRO-3: transformers builds the model under `zero.Init`, so each rank only ever holds its
-        partition. It does so while an HfDeepSpeedConfig is alive (4-bit models are partitioned
-        later, by deepspeed.initialize)."""
-        if self.stage != 3:
+        """ZeRO-3 loading whole (files it cannot slice): transformers builds the model under `zero.Init`,
+        so each rank only ever holds its partition. It does so while an HfDeepSpeedConfig is alive.
+        Not where from_pretrained is given a device (ZeRO-2; QLoRA, which transformers never builds
+        under zero.Init): transformers refuses a device_map with it."""
+        if self.load_device() is not None:
             yield
             return
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
@@ -183,15 +194,54 @@ class ZeroStrategy(Strategy):
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         self._fill_model_sizes(AutoConfig.from_pretrained(path).hidden_size)
+        if self.stage == 3:
+            why = _cannot_fill_partitions(self.ds_config)
+            if why:
+                log.warning("--strategy %s: %s; every rank loads the whole model instead", self.name, why)
+            built = None if why else load_empty(self.cfg.model, path, self.precision, attn_impl, self.name)
+            if built is not None:
+                model, self._initial = built
+                return model
         return super().build_model(path, attn_impl)
 
     def wrap(self, model) -> None:
         import deepspeed
 
+        if self.stage == 3:
+            self._partition(model)
         optimizer = None if "optimizer" in self.ds_config else self._client_optimizer(model)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                           dist_init_required=False)
         self.model, self.optimizer = engine, engine.optimizer
+
+    def _partition(self, model) -> None:
+        """ZeRO-3: give every parameter that has none yet its partition, one parameter at a time, as
+        deepspeed.initialize would (it would first move the whole model to the device); then fill the
+        partitions of an empty model from the files.
+
+        An empty (meta) parameter gets a placeholder of its full size that nothing writes: DeepSpeed
+        cuts this rank's range from it (host pages never touched stay unallocated; a GPU holds one
+        such at a time) and InitialValues.fill overwrites that range. A loaded one (QLoRA, LoRA
+        adapters added after zero.Init) moves to the device and is cut there. No broadcast from rank 0
+        (zero.Init's): every rank read the same files and drew LoRA's init from the same seed.
+        """
+        from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
+
+        init = Init(config_dict_or_path=self._init_config())  # not entered: only its conversion is used
+        for param in model.parameters():
+            if is_zero_param(param):  # built under zero.Init
+                continue
+            if param.is_meta:  # in place (a meta tensor's data cannot be set): tied names keep one parameter
+                placeholder = torch.empty(param.shape, dtype=param.dtype, device=init.local_device)
+                torch.utils.swap_tensors(param, torch.nn.Parameter(placeholder, requires_grad=param.requires_grad))
+            else:
+                param.data = param.data.to(init.local_device)
+            init._convert_to_deepspeed_param(param)
+            param.partition()
+        place_non_parameters(model, init.local_device)
+        if self._initial is not None:
+            self._initial.fill(model)
+            self._initial = None
 
     def _client_optimizer(self, model) -> torch.optim.Optimizer:
         if self.offload and self.dist.device.type == "cuda":
@@ -342,9 +392,12 @@ class Zero3Strategy(ZeroStrategy):
     checkpoint_format = "deepspeed-zero3"
     stage = 3
 
-    def load_device(self) -> None:
-        # zero.Init places and partitions each weight as it is built (transformers refuses a device_map with it).
-        return None
+    def load_device(self) -> torch.device | None:
+        # A model loaded whole (files it cannot slice) is placed and partitioned by zero.Init as it is
+        # built. Not a 4-bit one (transformers skips zero.Init for it, and without a device_map
+        # bitsandbytes would put it whole on the current GPU of every rank): it is quantized on the
+        # host, and wrap() moves it to the device one parameter at a time, partitioning as it goes.
+        return torch.device("cpu") if self.cfg.model.train_type == "qlora" else None
 
 
 class Zero3OffloadStrategy(Zero3Strategy):
@@ -404,6 +457,32 @@ def convert_to_universal(src: Path, out: Path) -> None:
         shutil.rmtree(partial)
         log.info("converted %s to a universal checkpoint in %.1f s (%s workers)", src, time.monotonic() - started,
                  workers)
+
+
+def place_non_parameters(model: torch.nn.Module, device: torch.device | str) -> None:
+    """Move what is no parameter to `device`: buffers (rotary tables), and bitsandbytes' quantization
+    state (absmax and codes, attributes of a 4-bit weight). DeepSpeed moves parameters only, and its
+    engine moves nothing of a model it finds partitioned."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(device))
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            state.to(device)  # in place
+
+
+def _cannot_fill_partitions(config: dict) -> str | None:
+    """Why this DeepSpeed config (a user's) keeps ZeRO-3 from filling each partition from the files
+    (Zero3Strategy._partition), or None."""
+    zero = config["zero_optimization"]
+    if config["bf16"]["enabled"]:
+        return "DeepSpeed's bf16 mode (--deepspeed-config) has zero.Init build every weight in bf16"
+    if zero.get("offload_param", {}).get("device") == "nvme":
+        return "parameters offloaded to NVMe leave for disk as they are partitioned"
+    if zero.get("zero_hpz_partition_size", 1) > 1 or zero.get("zero_quantized_weights") \
+            or zero.get("zero_quantized_nontrainable_weights"):
+        return "hpZ and quantized weights derive more from a partition than the partition itself"
+    return None
 
 
 def _read_json(path: str) -> dict:

@@ -10,7 +10,12 @@ instead of the whole model that `from_pretrained` puts in every rank's host memo
 `plan_initial_values` checks up front that every tensor has a source (a tensor of the same name and
 shape in the files, or an adapter init it can replay) and raises `CannotSlice` when one has not:
 transformers' own key renames and fused weights, pytorch_model.bin checkpoints, adapters other
-than plain LoRA on nn.Linear (DoRA). The caller then loads the whole model as before.
+than plain LoRA on nn.Linear (DoRA). The caller then loads the whole model as before
+(`load_empty` does both and says why).
+
+ZeRO-3 (strategies/deepspeed.py) uses the same plan: it partitions the empty model itself, then
+`InitialValues.fill` writes each parameter's partition (a flat range of the flattened tensor, see
+`_zero_partition`) from the rows of the file's tensor that cover it.
 
 torch's `HuggingFaceStorageReader` (DCP) reads slices the same way, but it takes every
 *.safetensors in the directory as part of the checkpoint (some repositories ship a consolidated
@@ -20,11 +25,16 @@ copy beside the shards), where the index's weight_map names the one file that ho
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
+
+log = logging.getLogger("swiftdist")
 
 
 class CannotSlice(Exception):
@@ -44,6 +54,26 @@ def empty_model(path: Path, **kwargs) -> torch.nn.Module:
     # accelerate re-wraps every parameter it moves to meta, which unties tied embeddings: tie them again.
     model.tie_weights()
     return model.eval()  # the mode from_pretrained returns
+
+
+def load_empty(cfg, path: Path, precision: str, attn_impl: str | None, strategy: str):
+    """(model, InitialValues): the model of `cfg` (a ModelConfig) built empty, with its LoRA adapters,
+    and where each of its tensors gets its first value; or None when its files cannot be read a slice
+    at a time, logged with the reason, and the CPU generator back where it was, so that the caller's
+    whole load draws LoRA's initial weights from the same state. QLoRA is always None: bitsandbytes
+    quantizes whole tensors inside from_pretrained."""
+    from swiftdist.model import load_model
+
+    if cfg.train_type == "qlora":
+        return None
+    rng = torch.get_rng_state()  # LoRA's initial weights are replayed from here
+    model = load_model(cfg, path, precision, empty=True, attn_impl=attn_impl)
+    try:
+        return model, plan_initial_values(model, path, rng)
+    except CannotSlice as why:
+        log.warning("--strategy %s: %s; every rank loads the whole model instead", strategy, why)
+        torch.set_rng_state(rng)
+        return None
 
 
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -132,30 +162,63 @@ class InitialValues:
         model.to_empty(device=device)
         for module, name, b in buffers:  # to_empty replaced them with uninitialised memory
             setattr(module, name, b)
+        self.fill(model)
+
+    def fill(self, model: torch.nn.Module) -> None:
+        """Write every tensor's initial value into the part of it this rank holds (allocated already:
+        a DTensor's local shard, a ZeRO-3 partition, or the whole tensor)."""
+        hf = _hf_model(model)
         targets = {**dict(hf.named_parameters()), **dict(hf.named_buffers())}
         with torch.no_grad():
             for name, value in self.replayed.items():
-                local, rows = _local_part(targets[name])
-                local.copy_(value[rows])
+                local, read = _local_part(targets[name])
+                local.copy_(read(value))
             by_file: dict[Path, list[str]] = {}
             for name, (file, _) in self.in_files.items():
                 by_file.setdefault(file, []).append(name)
             for file, names in by_file.items():  # one file open at a time: its mapped pages leave with it
                 with safe_open(file, framework="pt") as f:
                     for name in names:
-                        local, rows = _local_part(targets[name])
-                        local.copy_(f.get_slice(self.in_files[name][1])[rows])
+                        local, read = _local_part(targets[name])
+                        local.copy_(read(f.get_slice(self.in_files[name][1])))
 
 
-def _local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """The tensor this rank holds of `tensor` (a DTensor's local shard) and where it lies in the whole."""
+Reader = Callable[[torch.Tensor], torch.Tensor]
+"""Reads a rank's part from the whole tensor: a tensor, or a safetensors slice (which reads only the
+rows it is indexed with)."""
+
+
+def _local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, Reader]:
+    """The tensor this rank holds of `tensor` (a DTensor's local shard, a ZeRO-3 partition, or the
+    whole) and how to read its values from the whole tensor."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    if hasattr(tensor, "ds_tensor"):
+        return _zero_partition(tensor)
     if not isinstance(tensor, DTensor):
-        return tensor, tuple(slice(0, n) for n in tensor.shape)
+        return tensor, lambda whole: whole[...]
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    return tensor.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+    rows = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+    return tensor.to_local(), lambda whole: whole[rows]
+
+
+def _zero_partition(param: torch.nn.Parameter) -> tuple[torch.Tensor, Reader]:
+    """A ZeRO-3 parameter's partition (`ds_tensor`): rank r of N holds elements [r*P, (r+1)*P) of the
+    flattened tensor, P = ceil(numel / N); the last ranks' ends are padding past numel, left as they
+    are (DeepSpeed leaves them uninitialised too). Read from the whole rows that cover the range."""
+    size = param.ds_tensor.numel()
+    start = min(size * param.ds_zero_partition_rank, param.ds_numel)
+    stop = min(start + size, param.ds_numel)
+    row = math.prod(param.ds_shape[1:])  # elements per row (1 for a vector)
+
+    def read(whole):
+        if not param.ds_shape:  # a 0-d tensor has no rows
+            return whole[...].reshape(1)[start:stop]
+        first = start // row
+        return whole[first:-(-stop // row)].reshape(-1)[start - first * row:stop - first * row]
+
+    return param.ds_tensor.view(-1)[:stop - start], read
 
 
 def plan_initial_values(model: torch.nn.Module, path: Path, rng_state: torch.Tensor) -> InitialValues:

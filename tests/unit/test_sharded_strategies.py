@@ -125,16 +125,21 @@ def test_zero_init_builds_the_weights_in_the_dtype_they_load_in(train_type, prec
     assert init.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[init_dtype]
 
 
-def test_zero3_counts_and_groups_its_placeholder_parameters_by_their_real_shape(tiny_llama, process_group):
-    """ZeRO-3 builds the model partitioned: each parameter here is an empty placeholder. The strategy's
-    param_shape gives the parameter counts and weight-decay groups of the model loaded whole."""
+def test_zero3_counts_and_groups_its_placeholder_parameters_by_their_real_shape(tiny_llama, process_group, tmp_path):
+    """ZeRO-3 loading whole (files it cannot read a slice at a time) builds the model under zero.Init:
+    each parameter here is an empty placeholder. The strategy's param_shape gives the parameter counts
+    and weight-decay groups of the model loaded whole. (Otherwise it builds on the meta device, where
+    shapes are real.)"""
     from swiftdist.distributed import init_distributed
     from swiftdist.model import count_params, load_model
     from swiftdist.strategies.base import param_groups
+    from tests.multiproc.test_fsdp_load import renamed_model
 
     cfg = parse_config(["--strategy", "zero3", "--train-type", "full", "--model", str(tiny_llama)])
     strategy = get_strategy_class("zero3")(cfg, init_distributed(), "fp32")
-    partitioned, whole = strategy.build_model(tiny_llama), load_model(cfg.model, tiny_llama, "fp32")
+    partitioned = strategy.build_model(renamed_model(tiny_llama, tmp_path / "renamed"))
+    whole = load_model(cfg.model, tiny_llama, "fp32")
+    assert all(p.is_meta for p in strategy.build_model(tiny_llama).parameters())
 
     def group_sizes(groups):
         return [len(g["params"]) for g in groups]

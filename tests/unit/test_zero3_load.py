@@ -1,0 +1,38 @@
+"""ZeRO-3's partition of a tensor read from the files (swiftdist/sharded_load.py `_zero_partition`):
+rank r of N holds elements [r*P, (r+1)*P) of the flattened tensor, P = ceil(numel / N), as DeepSpeed's
+`_partition_param` cuts it. Every rank's part, read from whole rows of a tensor or of a safetensors
+slice, must put the tensor back together exactly, and leave the padding alone. (The real partitions
+on 2 ranks, against from_pretrained: tests/multiproc/test_zero3_load.py.)"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from swiftdist.sharded_load import _local_part
+
+
+def zero_param(shape, rank: int, ranks: int):
+    """What a parameter carries once DeepSpeed has partitioned it (only the attributes the reader uses)."""
+    numel = math.prod(shape)
+    part = torch.full((-(-numel // ranks),), float("nan"))
+    return SimpleNamespace(ds_tensor=part, ds_shape=torch.Size(shape), ds_numel=numel, ds_zero_partition_rank=rank)
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 8])
+@pytest.mark.parametrize("shape", [(5, 7), (11,), (), (2, 3, 4), (3, 1)])
+def test_each_ranks_flat_range_is_read_from_the_rows_that_cover_it(tmp_path, shape, ranks):
+    whole = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape) + 1
+    save_file({"w": whole}, tmp_path / "w.safetensors")
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        for source in (whole, f.get_slice("w")):
+            params = [zero_param(shape, r, ranks) for r in range(ranks)]
+            for p in params:
+                local, read = _local_part(p)
+                local.copy_(read(source))
+            flat = torch.cat([p.ds_tensor for p in params])
+            assert torch.equal(flat[:whole.numel()], whole.flatten())
+            assert flat[whole.numel():].isnan().all()  # padding: not written
