@@ -331,7 +331,7 @@ def check_long_context(checks: Checks, out: Path, dry: bool, deadline: float, ca
     t0 = time.perf_counter()
     model_dir = _model_dir(name, dry)
     seconds = min(deadline - time.monotonic(), 3600)  # a dry run has no deadline
-    if seconds < 60:  # loading 7B in 4 bits alone takes most of a minute
+    if seconds < 90:  # loading 7B in 4 bits takes most of a minute, and the first length is always tried
         checks.add(check, "SKIP", f"{seconds:.0f} s left of the check's time budget; run it alone: "
                    "scripts/gpu_check.sh --only long-context")
         return

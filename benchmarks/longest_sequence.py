@@ -138,7 +138,10 @@ def main(argv=None) -> None:
         vocab = len(trainer.tokenizer)  # ids every model here embeds (random models share SmolLM2's tokenizer)
 
         def write(result: dict) -> None:
-            (args.run_dir / "rank0.json").write_text(json.dumps({**result, "card_gib": args.card_gib or None}, indent=1))
+            # Whole or not at all: the check reads it even after stopping this process mid-search.
+            tmp = args.run_dir / "rank0.json.tmp"
+            tmp.write_text(json.dumps({**result, "card_gib": args.card_gib or None}, indent=1))
+            tmp.replace(args.run_dir / "rank0.json")
 
         search(lambda tokens: train_step(trainer, tokens, vocab), args.start, args.max_tokens, deadline, write)
     finally:
