@@ -85,11 +85,12 @@ def search(step, start: int, max_tokens: int, deadline: float, write) -> dict:
     length, failed = start, None
     while True:  # doubling
         tried.append(step(length))
+        if tried[-1]["ok"]:
+            result["longest"] = length
         write(result)
         if not tried[-1]["ok"]:
             failed = length
             break
-        result["longest"] = length
         if 2 * length > max_tokens:
             result["stopped"] = f"reached --max-tokens {max_tokens}"
             break

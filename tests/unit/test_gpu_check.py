@@ -64,9 +64,11 @@ def test_longest_sequence_doubles_until_out_of_memory_then_bisects_once():
     from benchmarks.longest_sequence import search
 
     step, tried = _fake_steps(fits_up_to=50_000)
-    result = search(step, 8192, 1 << 20, deadline=math.inf, write=lambda r: None)
+    written = []  # what a check stopping the search from outside would read after each length
+    result = search(step, 8192, 1 << 20, deadline=math.inf, write=lambda r: written.append(r["longest"]))
     assert tried == [8192, 16384, 32768, 65536, 49152]  # 65536 fails; (32768 + 65536) / 2 fits
     assert result["longest"] == 49152 and result["stopped"] == "out of memory at 65536 tokens"
+    assert written[:4] == [8192, 16384, 32768, 32768] and written[-1] == 49152
 
     step, tried = _fake_steps(fits_up_to=40_000)
     result = search(step, 8192, 1 << 20, deadline=math.inf, write=lambda r: None)
