@@ -6,7 +6,8 @@ The issue's job: SmolLM2 LoRA (r 8, all linear layers), fp32, batch 8, one proce
 self-cognition rows (`--steps` x 8 of them). Contenders run one after another, round after round;
 ratios are taken within a round against swiftdist without checkpointing and with the whole-logits
 loss (the default), then the median over rounds is reported. ms-swift,
-when given, runs with its default gradient checkpointing on; its goal is checked in the notes.
+when given, runs with its default gradient checkpointing on, and the notes check the issue's goal
+against it (at most its peak RSS at no more than 0.8x its step time, wall and CPU).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ VARIANTS = {
     "swiftdist, no checkpointing, chunked loss": ["--loss-chunk-size", "1024"],
     "swiftdist, selective checkpointing": ["--gradient-checkpointing", "--checkpointing-mode", "selective"],
     "swiftdist, full checkpointing": ["--gradient-checkpointing"],
+    "swiftdist, full checkpointing, 4 MiB mmap threshold": ["--gradient-checkpointing"],
 }
+# Not a swiftdist setting but glibc's: how much of the peak RSS is freed memory the allocator keeps.
+# A fixed threshold stops glibc raising it (to the size of the largest block freed, up to 32 MiB),
+# so blocks of 4 MiB and up are mapped and unmapped each time instead of staying in the heap.
+ENV = {"swiftdist, full checkpointing, 4 MiB mmap threshold": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}}
 MS_SWIFT = "ms-swift (checkpointing on)"
 COLUMNS = [("contender", "contender"), ("step_s", "s/step (median)"), ("ratio", "× reference s/step"),
            ("cpu_s", "CPU s/step"), ("cpu_ratio", "× reference CPU"), ("peak_rss_gib", "peak RSS GiB"),
@@ -56,7 +62,7 @@ def _summary(name: str, runs: list, reference: list, warmup: int) -> dict:
     row["ratio"] = statistics.median(median_after_warmup(m.step_s, warmup) / median_after_warmup(r.step_s, warmup)
                                      for m, r in pairs) if pairs else None
     cpu = [r.ranks[0].get("cpu_s_per_step") for r in good]
-    if None not in cpu:  # ms-swift reports wall time only
+    if None not in cpu:
         row["cpu_s"] = statistics.median(cpu)
         row["cpu_ratio"] = statistics.median(m.ranks[0]["cpu_s_per_step"] / r.ranks[0]["cpu_s_per_step"]
                                              for m, r in pairs) if pairs else None
@@ -75,8 +81,10 @@ def _goal(rows: dict) -> list[str]:
     for name, row in rows.items():
         if name.startswith("swiftdist") and "step_s" in row:
             time_x, rss_x = row["ratio"] / peer["ratio"], row["peak_rss_gib"] / peer["peak_rss_gib"]
-            ok = "met" if time_x <= 0.8 and rss_x <= 1 else "missed"
-            notes.append(f"Goal vs ms-swift, {name}: {time_x:.2f}x its step time, {rss_x:.2f}x its peak RSS: {ok}.")
+            cpu_x = row["cpu_ratio"] / peer["cpu_ratio"] if peer.get("cpu_ratio") else None
+            ok = "met" if max(time_x, cpu_x or 0) <= 0.8 and rss_x <= 1 else "missed"
+            cpu = f", {cpu_x:.2f}x its CPU time" if cpu_x else ""
+            notes.append(f"Goal vs ms-swift, {name}: {time_x:.2f}x its step time{cpu}, {rss_x:.2f}x its peak RSS: {ok}.")
     return notes
 
 
@@ -96,7 +104,7 @@ def main(argv=None) -> int:
     results = {c.name: [] for c in field}
     for r in range(args.rounds):
         for i, c in enumerate(field):
-            res = launch(c, specs[c.name], args.out / "runs" / f"contender{i}-round{r}", args.timeout)
+            res = launch(c, specs[c.name], args.out / "runs" / f"contender{i}-round{r}", args.timeout, ENV.get(c.name))
             results[c.name].append(res)
             print(f"round {r + 1}/{args.rounds} {c.name}: " + (f"{median_after_warmup(res.step_s, args.warmup):.2f} "
                   f"s/step, peak RSS {res.ranks[0]['peak_rss_gib']:.2f} GiB" if res.ok else res.error), flush=True)
@@ -104,13 +112,12 @@ def main(argv=None) -> int:
     if absent:
         rows[MS_SWIFT] = {"contender": MS_SWIFT, "status": absent}
     notes = _goal(rows) + [
-        f"Ratios: within each round against '{REFERENCE}', median over rounds. CPU s/step: the swiftdist "
+        f"Ratios: within each round against '{REFERENCE}', median over rounds. CPU s/step: each "
         "process's CPU time over its training loop divided by its steps (one OpenMP thread), less sensitive "
         "to other load on a shared machine than wall time.",
-        "peak RSS: ru_maxrss of the process. On CPU it is well above the live tensors: glibc keeps freed "
-        "activation memory in its heap (a checkpointed forward's anonymous memory grew 1.12 GB with the "
-        "default malloc and 0.24 GB with MALLOC_MMAP_THRESHOLD_=131072, which in turn doubles the step's "
-        "CPU time through page faults).",
+        "peak RSS: ru_maxrss of the process, file-backed pages included (the weights are mapped from "
+        "model.safetensors). On CPU it is well above the live tensors: glibc keeps freed activation memory "
+        "in its heap, which the 4 MiB mmap-threshold contender shows.",
     ]
     meta = {"model": args.model, "train_type": "lora", "precision": "fp32", "batch": 8, "steps": args.steps,
             "rounds": args.rounds, "warmup_steps_excluded": args.warmup}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 os.environ.update(HF_HUB_OFFLINE="1", MODELSCOPE_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
 
@@ -25,10 +26,22 @@ from benchmarks.spec import BenchSpec  # noqa: E402
 from benchmarks.step_clock import StepClock  # noqa: E402
 
 
+class LoopClock(StepClock):
+    """StepClock plus this process's CPU time over the training loop, taken over the same span as
+    benchmarks/swiftdist_worker.py takes it (the loop, not the model load or data preparation)."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.cpu_s = time.process_time()
+        super().on_train_begin(args, state, control, **kw)
+
+    def on_train_end(self, args, state, control, **kw):
+        self.cpu_s = time.process_time() - self.cpu_s
+
+
 def main(spec_path: str, run_dir: str, data: str, model_dir: str, system: str) -> None:
     spec = BenchSpec.load(spec_path)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    clock = StepClock()
+    clock = LoopClock()
     # ms-swift builds its Trainer's callbacks from names in this map (swift/trainers/mixin.py).
     callbacks_map["swiftdist_step_clock"] = lambda args, trainer: clock
     args = SftArguments(
@@ -51,7 +64,7 @@ def main(spec_path: str, run_dir: str, data: str, model_dir: str, system: str) -
         check_model=False,  # else it asks the model hub whether the local model is the latest (~8 s offline)
         callbacks=["swiftdist_step_clock"])
     sft_main(args)
-    report(run_dir, clock.step_s, clock.losses)
+    report(run_dir, clock.step_s, clock.losses, cpu_s_per_step=clock.cpu_s / max(len(clock.step_s), 1))
 
 
 if __name__ == "__main__":
