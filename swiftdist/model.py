@@ -258,9 +258,10 @@ def load_model(cfg: ModelConfig, path: Path, precision: str, init_context=contex
     output_head(model)  # refuse a model without an LM head before any work
     model.config.use_cache = False
     if cfg.train_type == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # ours below
+        # Not peft's prepare_model_for_kbit_training: it upcasts every frozen non-4-bit weight to fp32
+        # (2.2 GB more for Qwen2.5-7B's embedding and head, and a bf16 copy of the head made by
+        # autocast at every step). They stay in the dtype they loaded in, as in a bf16 LoRA run;
+        # get_peft_model freezes them.
         # On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for a faster kernel on no-grad
         # forwards (eval) and unpacks them on state_dict() by re-quantising absmax, which is lossy:
         # the frozen base would drift by ~1e-4 at every eval + checkpoint. Keep one layout.

@@ -61,10 +61,10 @@ def qlora(tmp_path_factory):
                      ["ddp", "fsdp", "zero2", "zero3", "zero3-offload"], "--gradient-checkpointing")
 
 
-def reload_logits(run_dir, strategy: str) -> torch.Tensor:
+def reload_logits(run_dir) -> torch.Tensor:
     """The saved peft adapter on a freshly quantized base, on the probe batch the driver used."""
     from omegaconf import OmegaConf
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from swiftdist.config import RunConfig
@@ -76,11 +76,6 @@ def reload_logits(run_dir, strategy: str) -> torch.Tensor:
     attn = OmegaConf.load(run_dir / "config.yaml").model.attn_impl
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=qlora_config(torch.bfloat16),
                                                 attn_implementation=attn)
-    if not strategy.startswith("fsdp"):
-        # DDP and DeepSpeed (autocast over the module as loaded) compute with the model as loaded for
-        # training, where prepare_model_for_kbit_training upcast norms and embeddings to fp32.
-        # FSDP's MixedPrecisionPolicy computes everything in bf16, as a plain 4-bit bf16 load does.
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = PeftModel.from_pretrained(base, run_dir / "final").eval()
     for module in model.modules():  # the 4-bit kernel the training used (see swiftdist/model.py)
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -99,14 +94,15 @@ def test_qlora_trains_and_its_adapter_reloads_with_equal_logits(qlora, strategy)
     run = qlora[strategy]
     curve = losses(run)
     assert len(curve) == 10 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.05, curve
-    # FSDP computes norms and embeddings in bf16 where DDP keeps them fp32, and rounds a few sums
-    # differently (measured 2.7e-5). DeepSpeed runs DDP's module under DDP's autocast and reduces in
-    # fp32: measured equal to the last bit; 1e-6 leaves room for another reduction order.
-    assert curve == pytest.approx(losses(qlora["ddp"]), rel=1e-6 if strategy.startswith("zero") else 2e-4)
+    # The frozen norms, embeddings and head are bf16 everywhere (swiftdist/model.py), so the residual
+    # stream is bf16 and one rounding in another place moves a loss by ~1e-5: measured from step 2 on,
+    # DeepSpeed up to 2.2e-5 relative from DDP (bit-equal while peft upcast them to fp32; which op
+    # rounds differently was not pinned down). 2e-4 is the bound FSDP was already held to.
+    assert curve == pytest.approx(losses(qlora["ddp"]), rel=2e-4)
     assert json.loads((run / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     trained = torch.load(run / "probe_logits.pt")
     # Same 4-bit weights (quantisation is deterministic), the same adapter values, the same kernels.
-    torch.testing.assert_close(reload_logits(run, strategy), trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reload_logits(run), trained, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
