@@ -239,6 +239,11 @@ class ZeroStrategy(Strategy):
             init._convert_to_deepspeed_param(param)
             param.partition()
         place_non_parameters(model, init.local_device)
+        if init.mem_efficient_linear:
+            # What zero.Init leaves behind (and deepspeed.initialize, partitioning a model itself):
+            # F.linear saving the weight parameter for backward, which gathers it again. Torch's
+            # saves a view of the gathered weight, which kept every layer gathered until backward.
+            init._enable_mem_efficient_linear()
         if self._initial is not None:
             self._initial.fill(model)
             self._initial = None
