@@ -1,5 +1,6 @@
-"""FSDP2: every decoder layer, then the root, is a `fully_shard` unit; each rank keeps 1/N of
-parameters, gradients and optimizer state and all-gathers one layer at a time.
+"""FSDP2: the input embedding, every decoder layer and the LM head are `fully_shard` units, then the
+root (what is left: the final norm, and the embedding and head when they are tied); each rank
+keeps 1/N of parameters, gradients and optimizer state and all-gathers one unit at a time.
 
 `fsdp-offload` keeps the shards (and so the optimizer step) in host memory; the device holds only
 the layer being computed. Checkpoints go through DCP (strategies/dcp.py), so they reshard on load.
@@ -36,6 +37,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise SwiftdistError(f"--strategy fsdp: {type(hf).__name__} names no decoder layer class (_no_split_modules) "
                              "to shard by; use --strategy zero3")
     return layers
+
+
+def embedding_and_head(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The input embedding and the LM head, to shard as units of their own (as torchtitan does): in
+    the root they would be gathered from the first layer's forward to the end of backward.
+
+    Tied ones share one weight, which FSDP2 lets only one unit hold, and a unit of both would be
+    gathered from the embedding's call to the head's, the whole forward: they stay in the root."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if {id(p) for p in embedding.parameters()} & {id(p) for p in head.parameters()}:
+        return []
+    return [embedding, head]
 
 
 class FSDPStrategy(DCPStrategy):
@@ -76,11 +89,18 @@ class FSDPStrategy(DCPStrategy):
         # A model that arrives whole in host memory moves one layer at a time and shards it, so the
         # device never holds more than one unsharded layer and a model larger than one device still
         # fits on several. (`.to` also moves bitsandbytes' 4-bit quantization state, which is no
-        # parameter; fully_shard(model) moves what is left: embeddings, norms, head.)
-        for layer in decoder_layers(model):
+        # parameter; fully_shard(model) moves what is left: the final norm, tied embeddings.)
+        # Each unit but the head is resharded after its forward and gathered again for its backward.
+        # The head is the last unit in forward and the first in backward, so it stays gathered in
+        # between (one all-gather a step, not two; the chunked loss of swiftdist/loss.py does not
+        # even use its weight in backward).
+        units = [(layer, True) for layer in decoder_layers(model)]
+        if split := embedding_and_head(model):
+            units = [(split[0], True), *units, (split[1], False)]
+        for unit, reshard_after_forward in units:
             if self._initial is None:
-                layer.to(device)
-            fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+                unit.to(device)
+            fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
         if self._initial is not None:
             # Offloaded shards live in host memory; buffers stay where fully_shard put them.
