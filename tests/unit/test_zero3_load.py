@@ -66,3 +66,27 @@ def test_one_rank_partitions_hold_the_loaded_weights_and_linear_regathers_for_ba
     for name, p in got.items():
         assert p.ds_tensor.dtype == want[name].dtype and torch.equal(p.ds_tensor, want[name].flatten()), name
     assert torch.nn.functional.linear is zero3_linear_wrap
+
+
+@pytest.mark.parametrize("user, reason", [
+    ({}, None),
+    ({"bf16": {"enabled": True}}, "bf16 mode"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/x"},
+                            "offload_optimizer": {"device": "cpu"}}}, "NVMe"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "hpZ"),
+])
+def test_deepspeed_settings_that_derive_more_from_a_partition_load_under_zero_init(tmp_path, user, reason):
+    import json
+
+    from swiftdist.config import parse_config
+    from swiftdist.distributed import DistInfo
+    from swiftdist.strategies import get_strategy_class
+    from swiftdist.strategies.deepspeed import _cannot_fill_partitions
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    name = "zero3-offload" if "offload_param" in user.get("zero_optimization", {}) else "zero3"
+    cfg = parse_config(["--strategy", name, "--deepspeed-config", str(path)])
+    rank = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    why = _cannot_fill_partitions(get_strategy_class(name)(cfg, rank, "bf16").ds_config)
+    assert why is None if reason is None else reason in why
