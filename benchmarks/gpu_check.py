@@ -382,8 +382,9 @@ def check_sp_throughput(checks: Checks, out: Path, dry: bool, timeout: int) -> N
     per_gpu = {}
     for sp in (1, gpus):
         run_dir = out / "runs" / f"sp{sp}-{name}"
+        run_dir.mkdir(parents=True, exist_ok=True)
         res = launch(Contender(f"sp {sp}", "benchmarks.swiftdist_worker", gpus, ["ddp", "--sequence-parallel", str(sp)]),
-                     spec.save(run_dir.with_suffix(".json")), run_dir, timeout)
+                     spec.save(run_dir / "spec.json"), run_dir, timeout)
         if not res.ok:
             checks.add(check, "FAIL", f"SP={sp}: {res.error}", time.perf_counter() - t0)
             return
