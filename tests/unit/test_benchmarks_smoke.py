@@ -108,3 +108,17 @@ def test_ms_swift_gets_the_same_conversations_in_swiftdist_order_and_the_models_
     for row, i in zip(rows, order, strict=True):
         assert tokenize(tok, Conversation(row, "ms-swift data"))[0] == train[i].input_ids
     assert cpu_suite.ms_swift_inputs(spec, tmp_path, None)[1].startswith("not run: no --ms-swift-python")
+
+
+def test_activation_memory_goal_needs_ms_swifts_rss_at_most_and_0_8x_its_wall_and_cpu_time():
+    from benchmarks.activation_memory import MS_SWIFT, _goal
+
+    peer = {"step_s": 10.0, "ratio": 1.5, "cpu_ratio": 1.5, "peak_rss_gib": 2.0}
+    rows = {MS_SWIFT: peer,
+            "swiftdist, a": {"step_s": 7.0, "ratio": 1.2, "cpu_ratio": 1.2, "peak_rss_gib": 2.0},  # 0.8x, 1x: met
+            "swiftdist, b": {"step_s": 7.0, "ratio": 1.2, "cpu_ratio": 1.35, "peak_rss_gib": 1.9},  # CPU 0.9x
+            "swiftdist, c": {"step_s": 7.0, "ratio": 1.0, "cpu_ratio": 1.0, "peak_rss_gib": 2.1}}  # RSS 1.05x
+    notes = _goal(rows)
+    assert [n.rsplit(": ", 1)[1] for n in notes] == ["met.", "missed.", "missed."]
+    assert "0.90x its CPU time" in notes[1] and "1.05x its peak RSS" in notes[2]
+    assert _goal({})[0].endswith("not checked, ms-swift did not run.")
