@@ -100,3 +100,19 @@ def barrier() -> None:
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+        _release_default_group_arguments()
+
+
+def _release_default_group_arguments() -> None:
+    """Functions written `def f(..., group=group.WORLD)` (torch.distributed.nn.functional, DeepSpeed's
+    TorchBackend.barrier) hold the default group itself when imported after it was made: it would
+    outlive destroy_process_group(), its gloo threads running into the interpreter's teardown, when
+    a rank was seen to abort ("terminate called without an active exception"). None means the
+    same: the default group."""
+    import gc
+    import types
+
+    for f in gc.get_objects():
+        if isinstance(f, types.FunctionType) and f.__defaults__ \
+                and any(isinstance(d, dist.ProcessGroup) for d in f.__defaults__):
+            f.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in f.__defaults__)

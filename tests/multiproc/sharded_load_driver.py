@@ -7,10 +7,14 @@ CASES.json: a list of {"name", "model" (a dir or alias), "strategy" (fsdp or fsd
 every rank builds and wraps the model as the trainer does (same seed); rank 0 gathers the full
 state dict and compares it, and the buffers and the CPU generator's state after building, with
 `load_model` (from_pretrained, whole, no strategy) under the same seed. OUT.json gets, per case:
-whether the sliced path was taken and every difference found.
+whether the sliced path was taken and every difference found. OUT.json.threads-rankN: the gloo
+threads still running on rank N after it closed every strategy (as the trainer does) and destroyed
+the process groups, which should be none.
 """
 
+import gc
 import json
+import os
 import sys
 
 import torch
@@ -32,6 +36,7 @@ def compare(case: dict, dist_info) -> dict:
     rng_after = torch.get_rng_state()
     strategy.wrap(model)
     state = strategy.full_state_dict(trainable_only=False)
+    strategy.close()
     if not dist_info.is_main:
         return {}
     torch.manual_seed(cfg.train.seed)
@@ -55,6 +60,14 @@ def main() -> None:
             json.dump(results, open(out, "w"), indent=1)
     finally:
         destroy()
+    gc.collect()  # the engines' reference cycles
+    threads = sorted(name for name in map(_thread_name, os.listdir("/proc/self/task")) if "gloo" in name)
+    json.dump(threads, open(f"{out}.threads-rank{dist_info.rank}", "w"))
+
+
+def _thread_name(tid: str) -> str:
+    with open(f"/proc/self/task/{tid}/comm") as f:
+        return f.read().strip()
 
 
 if __name__ == "__main__":

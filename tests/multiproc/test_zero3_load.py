@@ -49,6 +49,9 @@ def test_the_partitioned_load_equals_from_pretrained(tiny_llama, tiny_qwen2, tmp
     proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
                     str(REPO / "tests" / "multiproc" / "sharded_load_driver.py"), str(tmp_path / "cases.json"),
                     str(tmp_path / "out.json")], cwd=str(REPO))
+    # Gloo threads still running into the interpreter's teardown were seen to abort a rank at exit (1 run in 7).
+    threads = [json.loads((tmp_path / f"out.json.threads-rank{r}").read_text()) for r in range(2)]
+    assert threads == [[], []], threads
     results = json.loads((tmp_path / "out.json").read_text())
     for name, r in results.items():
         assert r["sliced"] == (name != "renamed-lora-fp32"), name
