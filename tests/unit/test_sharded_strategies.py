@@ -77,6 +77,56 @@ def test_a_user_deepspeed_config_fills_auto_and_keeps_its_own_settings(tmp_path)
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == 12345
 
 
+def test_zero3_keeps_a_gathered_parameter_only_until_its_next_use_within_a_prefetch_bucket(tmp_path):
+    # DeepSpeed's default (1e9) kept a 1.07B model almost whole in every rank from step 2 on.
+    zero3 = get_strategy_class("zero3")(parse_config(["--strategy", "zero3"]), TWO_RANKS, "fp32")
+    zero3._fill_model_sizes(hidden_size=100)
+    zero = zero3.ds_config["zero_optimization"]
+    assert zero["stage3_max_reuse_distance"] == zero["stage3_prefetch_bucket_size"] == 9000
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 1e9}}))
+    user = get_strategy_class("zero3")(parse_config(["--strategy", "zero3", "--deepspeed-config", str(path)]),
+                                       TWO_RANKS, "fp32")
+    user._fill_model_sizes(hidden_size=100)
+    assert user.ds_config["zero_optimization"]["stage3_max_reuse_distance"] == 1e9  # the user's own value
+
+
+def test_zero3_on_a_cpu_host_returns_freed_large_blocks_to_the_os():
+    # In a child process (the setting is process-wide). Freeing a 24 MiB block raises glibc's dynamic
+    # mmap threshold above 8 MiB, so a freed 8 MiB block would stay in the heap; with the fixed
+    # threshold it is unmapped, and the heap's free bytes do not grow by it.
+    code = """
+import ctypes, sys
+from swiftdist.strategies.deepspeed import return_large_blocks_to_the_os
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+def freed_into_heap(size):
+    before = libc.mallinfo2().fordblks
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    return libc.mallinfo2().fordblks - before
+libc.free(libc.malloc(24 << 20))
+kept = freed_into_heap(8 << 20)
+return_large_blocks_to_the_os()
+print(kept > 6 << 20, freed_into_heap(8 << 20) < 1 << 20)
+"""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator only")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                         env={k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")})
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("content, strategy, message", [
     ({"zero_optimization": {"stage": 2}}, "zero3",
      "it asks for ZeRO stage 2 without offload, which is --strategy zero2, not zero3"),
