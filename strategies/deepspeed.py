@@ -240,6 +240,7 @@ class ZeroStrategy(Strategy):
             self.model.destroy()  # the optimizer's and offload's hooks
             stack = parameter_offload.FWD_MODULE_STACK
             stack[:] = [m for m in stack if m is not self.model.module]
+            self.model = self.optimizer = None  # the engine's cycles hold groups too: let gc have them
         if groups._WORLD_GROUP is not None:
             torch.distributed.destroy_process_group(groups._WORLD_GROUP)
             groups._WORLD_GROUP = None

@@ -7,8 +7,10 @@ of the code can all_reduce and use DCP without asking how it was launched.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -99,6 +101,7 @@ def barrier() -> None:
 
 def destroy() -> None:
     if dist.is_initialized():
+        gc.collect()  # reference cycles that hold a group (a closed DeepSpeed engine's) go first
         dist.destroy_process_group()
         _release_default_group_arguments()
 
@@ -109,9 +112,6 @@ def _release_default_group_arguments() -> None:
     outlive destroy_process_group(), its gloo threads running into the interpreter's teardown, when
     a rank was seen to abort ("terminate called without an active exception"). None means the
     same: the default group."""
-    import gc
-    import types
-
     for f in gc.get_objects():
         if isinstance(f, types.FunctionType) and f.__defaults__ \
                 and any(isinstance(d, dist.ProcessGroup) for d in f.__defaults__):
