@@ -12,20 +12,15 @@ the whole model. QLoRA, and models whose files cannot be read that way, load who
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from swiftdist.errors import SwiftdistError
-from swiftdist.model import load_model
-from swiftdist.sharded_load import CannotSlice, InitialValues, plan_initial_values
+from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import build_optimizer
 from swiftdist.strategies.dcp import DCPStrategy
-
-log = logging.getLogger("swiftdist")
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -63,17 +58,10 @@ class FSDPStrategy(DCPStrategy):
         return torch.device("cpu")
 
     def build_model(self, path, attn_impl: str | None = None) -> torch.nn.Module:
-        # QLoRA quantizes inside from_pretrained (bitsandbytes packs whole tensors), so it loads whole.
-        if self.cfg.model.train_type == "qlora":
+        built = load_empty(self.cfg.model, path, self.precision, attn_impl, self.name)
+        if built is None:  # QLoRA, or files it cannot slice (logged): every rank loads the whole model
             return super().build_model(path, attn_impl)
-        rng = torch.get_rng_state()  # LoRA's initial weights are replayed from here
-        model = load_model(self.cfg.model, path, self.precision, empty=True, attn_impl=attn_impl)
-        try:
-            self._initial = plan_initial_values(model, path, rng)
-        except CannotSlice as why:
-            log.warning("--strategy %s: %s; every rank loads the whole model instead", self.name, why)
-            torch.set_rng_state(rng)
-            return super().build_model(path, attn_impl)
+        model, self._initial = built
         return model
 
     def wrap(self, model) -> None:
