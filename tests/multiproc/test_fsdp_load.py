@@ -38,6 +38,17 @@ def renamed_model(tiny_llama, out):
     return out
 
 
+def run_driver(cases: list[dict], tmp_path) -> tuple[str, dict, list[list[str]]]:
+    """sharded_load_driver.py's results for `cases` on 2 ranks, their stderr, and the gloo threads each
+    rank still ran after closing every strategy and destroying the process groups."""
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+                    str(REPO / "tests" / "multiproc" / "sharded_load_driver.py"), str(tmp_path / "cases.json"),
+                    str(tmp_path / "out.json")], cwd=str(REPO))
+    threads = [json.loads((tmp_path / f"out.json.threads-rank{r}").read_text()) for r in range(2)]
+    return proc.stderr, json.loads((tmp_path / "out.json").read_text()), threads
+
+
 def test_the_sliced_load_equals_the_eager_load(tiny_llama, tiny_qwen2, tmp_path):
     cases = [
         {"name": "llama-lora-bf16", "model": str(tiny_llama), "strategy": "fsdp", "train_type": "lora", "precision": "bf16"},
@@ -48,15 +59,13 @@ def test_the_sliced_load_equals_the_eager_load(tiny_llama, tiny_qwen2, tmp_path)
         {"name": "renamed-lora-fp32", "model": str(renamed_model(tiny_llama, tmp_path / "renamed")), "strategy": "fsdp",
          "train_type": "lora", "precision": "fp32"},
     ]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-                    str(REPO / "tests" / "multiproc" / "sharded_load_driver.py"), str(tmp_path / "cases.json"),
-                    str(tmp_path / "out.json")], cwd=str(REPO))
-    results = json.loads((tmp_path / "out.json").read_text())
+    # (No check of the gloo threads left: after an FSDP2 backward, torch keeps its group alive in C++
+    # past destroy_process_group(), with no Python object left holding it; see the zero3 test.)
+    stderr, results, _ = run_driver(cases, tmp_path)
     for name, r in results.items():
         assert r["sliced"] == (name != "renamed-lora-fp32"), name
         # Exact: the same bytes from the files, cast to the same dtype, and the same random draws.
         assert (r["missing"], r["extra"], r["differ"], r["rng_equal"]) == ([], [], [], True), (name, r)
         assert r["n_tensors"] > 20
     # The fallback says why, once per rank.
-    assert proc.stderr.count("no tensor model.norm.weight in") == 2, proc.stderr[-3000:]
+    assert stderr.count("no tensor model.norm.weight in") == 2, stderr[-3000:]

@@ -5,13 +5,9 @@ fp32, tensors whose flat length does not split evenly), LoRA's random init, buff
 generator's state after it. A model whose files it cannot read that way loads under zero.Init, equal
 too. (Training parity with DDP: tests/multiproc/test_sharded.py.)"""
 
-import json
-import sys
-
 import pytest
 
-from tests.helpers import REPO, free_port, run_cmd
-from tests.multiproc.test_fsdp_load import renamed_model
+from tests.multiproc.test_fsdp_load import renamed_model, run_driver
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +41,9 @@ def test_the_partitioned_load_equals_from_pretrained(tiny_llama, tiny_qwen2, tmp
         {"name": "renamed-lora-fp32", "model": str(renamed_model(tiny_llama, tmp_path / "renamed")), "strategy": "zero3",
          "train_type": "lora", "precision": "fp32"},
     ]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-                    str(REPO / "tests" / "multiproc" / "sharded_load_driver.py"), str(tmp_path / "cases.json"),
-                    str(tmp_path / "out.json")], cwd=str(REPO))
+    stderr, results, threads = run_driver(cases, tmp_path)
     # Gloo threads still running into the interpreter's teardown were seen to abort a rank at exit (1 run in 7).
-    threads = [json.loads((tmp_path / f"out.json.threads-rank{r}").read_text()) for r in range(2)]
     assert threads == [[], []], threads
-    results = json.loads((tmp_path / "out.json").read_text())
     for name, r in results.items():
         assert r["sliced"] == (name != "renamed-lora-fp32"), name
         # ZeRO's full_state_dict names each parameter once: a tied head is the embedding, listed under its name.
@@ -62,4 +53,4 @@ def test_the_partitioned_load_equals_from_pretrained(tiny_llama, tiny_qwen2, tmp
         assert (r["extra"], r["differ"], r["rng_equal"]) == ([], [], True), (name, r)
         assert r["n_tensors"] > 20
     # The fallback says why, once per rank.
-    assert proc.stderr.count("no tensor model.norm.weight in") == 2, proc.stderr[-3000:]
+    assert stderr.count("no tensor model.norm.weight in") == 2, stderr[-3000:]
