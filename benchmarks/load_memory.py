@@ -75,7 +75,8 @@ def model_bytes(model_dir: Path, weight_bytes: int) -> dict[str, float]:
             "held_gib": n_params * weight_bytes / GIB, "params": n_params}
 
 
-def measure(model_dir: Path, out: Path, ranks: list[int], strategies: list[str], precision: str, timeout: int) -> tuple[list[dict], dict]:
+def measure(model_dir: Path, out: Path, ranks: list[int], strategies: list[str], precision: str, timeout: int,
+            steps: int = 1) -> tuple[list[dict], dict]:
     import torch
 
     from swiftdist.config import ModelConfig
@@ -84,9 +85,9 @@ def measure(model_dir: Path, out: Path, ranks: list[int], strategies: list[str],
     sizes = model_bytes(model_dir, torch.finfo(weight_dtype(ModelConfig(train_type="lora"), precision)).bits // 8)
     rows = []
     for n in ranks:
-        # One row per rank, one step: the weights, not the activations, are what is measured.
-        spec = BenchSpec(model=str(model_dir), train_type="lora", steps=1, global_batch=n, precision=precision,
-                         dataset=[f"self-cognition#{n}"], max_length=128)
+        # One row per rank and step: the weights, not the activations, are what is measured.
+        spec = BenchSpec(model=str(model_dir), train_type="lora", steps=steps, global_batch=n, precision=precision,
+                         dataset=[f"self-cognition#{n * steps}"], max_length=128)
         spec_path = spec.save(out / "spec.json")
         ddp_peak = None
         for strategy in strategies:
@@ -133,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default=None, help="default: what --precision auto picks here")
     p.add_argument("--model-dir", type=Path, default=None, help="an existing model dir (default: build LLAMA_1B, then delete it)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds one run may take")
+    p.add_argument("--steps", type=int, default=1,
+                   help="steps per run; more than 1 shows what later steps hold (ZeRO-3's prefetch starts at step 2)")
     p.add_argument("--out", type=Path, default=Path("bench-load-memory"))
     args = p.parse_args(argv)
 
@@ -143,13 +146,13 @@ def main(argv=None) -> int:
     tmp = None if args.model_dir else Path(tempfile.mkdtemp(prefix="llama-1b-"))
     try:
         model_dir = args.model_dir or build_model(tmp)
-        rows, sizes = measure(model_dir, args.out, args.ranks, args.strategies, precision, args.timeout)
+        rows, sizes = measure(model_dir, args.out, args.ranks, args.strategies, precision, args.timeout, args.steps)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     meta = {"date": datetime.date.today().isoformat(), "precision": precision, "train type": "lora (r 8, all linear)",
-            "steps": 1, "rows per rank": 1, "host": "CPU, gloo, 1 OpenMP thread per rank"}
-    md, _ = report.write(args.out, "Host memory at load: 1.07B Llama, LoRA, one step", COLUMNS, rows, notes(rows, sizes), meta)
+            "steps": args.steps, "rows per rank per step": 1, "host": "CPU, gloo, 1 OpenMP thread per rank"}
+    md, _ = report.write(args.out, f"Host memory at load: 1.07B Llama, LoRA, {args.steps} step(s)", COLUMNS, rows, notes(rows, sizes), meta)
     print(md.read_text())
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
