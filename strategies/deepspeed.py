@@ -201,14 +201,13 @@ class ZeroStrategy(Strategy):
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         self._fill_model_sizes(AutoConfig.from_pretrained(path).hidden_size)
-        if self.stage == 3 and self.dist.device.type == "cpu":
-            return_large_blocks_to_the_os()
         if self.stage == 3:
+            if self.dist.device.type == "cpu":
+                return_large_blocks_to_the_os()
             why = _cannot_fill_partitions(self.ds_config)
             if why:
                 log.warning("--strategy %s: %s; every rank loads the whole model instead", self.name, why)
-            built = None if why else load_empty(self.cfg.model, path, self.precision, attn_impl, self.name)
-            if built is not None:
+            elif built := load_empty(self.cfg.model, path, self.precision, attn_impl, self.name):
                 model, self._initial = built
                 return model
         return super().build_model(path, attn_impl)
