@@ -15,11 +15,13 @@ pytestmark = pytest.mark.slow
 
 
 def odd_model(tiny_llama, out):
-    """A Llama whose MLP rows (75) do not split evenly over 2 ranks, untied, saved in several files."""
+    """An untied Llama, in several files, whose tensors have odd lengths (norms of 65, MLP 75 x 65): FSDP's
+    row shards are uneven, and ZeRO-3's second partition ends in padding and starts inside a row."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(tiny_llama, intermediate_size=75, tie_word_embeddings=False)
+    config = AutoConfig.from_pretrained(tiny_llama, hidden_size=65, num_attention_heads=5, num_key_value_heads=1,
+                                        head_dim=16, intermediate_size=75, tie_word_embeddings=False)
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(config).save_pretrained(out, max_shard_size="2MB")
     assert (out / "model.safetensors.index.json").exists()
@@ -38,34 +40,39 @@ def renamed_model(tiny_llama, out):
     return out
 
 
-def run_driver(cases: list[dict], tmp_path) -> tuple[str, dict, list[list[str]]]:
-    """sharded_load_driver.py's results for `cases` on 2 ranks, their stderr, and the gloo threads each
-    rank still ran after closing every strategy and destroying the process groups."""
+def check_load_cases(strategy: str, tiny_llama, tiny_qwen2, tmp_path, missing) -> list[list[str]]:
+    """Build the same six models under `strategy` (and its -offload twin for one) on 2 ranks with
+    sharded_load_driver.py and check each equals the eager load; `missing(name)` is what the strategy's
+    full state dict leaves out. Returns the gloo threads each rank still ran after closing every
+    strategy and destroying the process groups."""
+    def case(name, model, train_type, precision, offload=False):
+        return {"name": name, "model": str(model), "strategy": strategy + ("-offload" if offload else ""),
+                "train_type": train_type, "precision": precision}
+
+    cases = [case("llama-tied-lora-bf16", tiny_llama, "lora", "bf16"),
+             case("llama-tied-full-fp32", tiny_llama, "full", "fp32"),
+             case("qwen2-lora-fp32-offload", tiny_qwen2, "lora", "fp32", offload=True),
+             case("qwen2-full-bf16", tiny_qwen2, "full", "bf16"),
+             case("odd-full-fp32", odd_model(tiny_llama, tmp_path / "odd"), "full", "fp32"),
+             case("renamed-lora-fp32", renamed_model(tiny_llama, tmp_path / "renamed"), "lora", "fp32")]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
                     str(REPO / "tests" / "multiproc" / "sharded_load_driver.py"), str(tmp_path / "cases.json"),
                     str(tmp_path / "out.json")], cwd=str(REPO))
-    threads = [json.loads((tmp_path / f"out.json.threads-rank{r}").read_text()) for r in range(2)]
-    return proc.stderr, json.loads((tmp_path / "out.json").read_text()), threads
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert sorted(results) == sorted(c["name"] for c in cases)
+    for name, r in results.items():
+        assert r["sliced"] == (name != "renamed-lora-fp32"), name
+        assert r["missing"] == missing(name), (name, r)
+        # Exact: the same bytes from the files, cast to the same dtype, and the same random draws.
+        assert (r["extra"], r["differ"], r["rng_equal"]) == ([], [], True), (name, r)
+        assert r["n_tensors"] > 20
+    # The fallback says why, once per rank.
+    assert proc.stderr.count("no tensor model.norm.weight in") == 2, proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"out.json.threads-rank{r}").read_text()) for r in range(2)]
 
 
 def test_the_sliced_load_equals_the_eager_load(tiny_llama, tiny_qwen2, tmp_path):
-    cases = [
-        {"name": "llama-lora-bf16", "model": str(tiny_llama), "strategy": "fsdp", "train_type": "lora", "precision": "bf16"},
-        {"name": "qwen2-lora-fp32-offload", "model": str(tiny_qwen2), "strategy": "fsdp-offload", "train_type": "lora",
-         "precision": "fp32"},
-        {"name": "odd-full-fp32", "model": str(odd_model(tiny_llama, tmp_path / "odd")), "strategy": "fsdp",
-         "train_type": "full", "precision": "fp32"},
-        {"name": "renamed-lora-fp32", "model": str(renamed_model(tiny_llama, tmp_path / "renamed")), "strategy": "fsdp",
-         "train_type": "lora", "precision": "fp32"},
-    ]
     # (No check of the gloo threads left: after an FSDP2 backward, torch keeps its group alive in C++
     # past destroy_process_group(), with no Python object left holding it; see the zero3 test.)
-    stderr, results, _ = run_driver(cases, tmp_path)
-    for name, r in results.items():
-        assert r["sliced"] == (name != "renamed-lora-fp32"), name
-        # Exact: the same bytes from the files, cast to the same dtype, and the same random draws.
-        assert (r["missing"], r["extra"], r["differ"], r["rng_equal"]) == ([], [], [], True), (name, r)
-        assert r["n_tensors"] > 20
-    # The fallback says why, once per rank.
-    assert stderr.count("no tensor model.norm.weight in") == 2, stderr[-3000:]
+    check_load_cases("fsdp", tiny_llama, tiny_qwen2, tmp_path, missing=lambda name: [])
