@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -173,7 +174,32 @@ def resolve_model_path(name: str) -> Path:
             f"--model {name}: not a local Hugging Face model directory (no config.json); "
             f"give a downloaded model dir or one of: {aliases}"
         )
+    check_weight_files(path)
     return path
+
+
+def check_weight_files(path: Path) -> None:
+    """Name a missing or truncated safetensors file (an interrupted download) in one line, before
+    transformers, DeepSpeed or the sliced loaders meet it deep inside a load. Headers only: cheap."""
+    from safetensors import SafetensorError, safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise SwiftdistError(f"--model {path}: {index.name} is no safetensors index ({e!r}); "
+                                 "download the model again") from None
+    else:
+        names = sorted(f.name for f in path.glob("*.safetensors"))
+    for name in names:
+        if not (path / name).is_file():
+            raise SwiftdistError(f"--model {path}: {name}, listed in {index.name}, is missing; download the model again")
+        try:
+            with safe_open(path / name, framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise SwiftdistError(f"--model {path}: {name} is damaged ({e}); download it again") from None
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

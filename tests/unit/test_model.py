@@ -57,3 +57,29 @@ def test_weight_dtype_keeps_trained_weights_fp32():
 def test_bad_model_path_is_one_line(tmp_path):
     with pytest.raises(SwiftdistError, match="not a local Hugging Face model directory"):
         resolve_model_path(str(tmp_path))
+
+
+def test_a_truncated_or_missing_weight_file_is_named_in_one_line(tiny_llama, tmp_path):
+    """An interrupted download: every strategy's loader would fail deep in safetensors or transformers."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(sharded, max_shard_size="2MB")
+    shutil.copy(tiny_llama / "config.json", sharded / "config.json")
+    assert resolve_model_path(str(sharded)) == sharded  # whole: accepted
+    last = sorted(sharded.glob("model-*.safetensors"))[-1]
+    with open(last, "r+b") as f:
+        f.truncate(last.stat().st_size // 2)
+    with pytest.raises(SwiftdistError, match=rf"^--model {sharded}: {last.name} is damaged \(.*\); download it again$"):
+        resolve_model_path(str(sharded))
+    last.unlink()
+    with pytest.raises(SwiftdistError, match=f"{last.name}, listed in model.safetensors.index.json, is missing"):
+        resolve_model_path(str(sharded))
+    single = tmp_path / "single"
+    shutil.copytree(tiny_llama, single)
+    with open(single / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SwiftdistError, match="model.safetensors is damaged"):
+        resolve_model_path(str(single))
