@@ -48,6 +48,7 @@ from swiftdist.errors import SwiftdistError
 from swiftdist.model import weight_dtype
 from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import Strategy, build_optimizer, param_groups
+from swiftdist.vocab_parallel import shard_head
 
 log = logging.getLogger("swiftdist")
 
@@ -216,6 +217,10 @@ class ZeroStrategy(Strategy):
         import deepspeed
 
         if self.stage == 3:
+            # A frozen LM head keeps its rows on each rank instead of a partition gathered whole for the
+            # loss (swiftdist/vocab_parallel.py); offloaded, it is partitioned as any weight.
+            if not self.offload:
+                shard_head(model, torch.distributed.group.WORLD, self.dist.device, self._initial)
             self._partition(model)
             self._bound_live_parameters(model)
         optimizer = None if "optimizer" in self.ds_config else self._client_optimizer(model)

@@ -21,6 +21,7 @@ from swiftdist.errors import SwiftdistError
 from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import build_optimizer
 from swiftdist.strategies.dcp import DCPStrategy
+from swiftdist.vocab_parallel import shard_head
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -82,9 +83,13 @@ class FSDPStrategy(DCPStrategy):
         # The head is the last unit in forward and the first in backward, so it stays gathered in
         # between (one all-gather a step, not two; the chunked loss of swiftdist/loss.py does not
         # even use its weight in backward).
+        # A frozen head (LoRA, QLoRA) is no unit at all: each rank keeps its rows of it and the loss
+        # is computed vocabulary-parallel (swiftdist/vocab_parallel.py), so it is never gathered.
+        # Offloaded, it stays a unit: its rows would otherwise live on the device.
+        head_sharded = not self.offload and shard_head(model, mesh.get_group(), device, self._initial)
         units = [(layer, True) for layer in decoder_layers(model)]
         if split := embedding_and_head(model):
-            units = [(split[0], True), *units, (split[1], False)]
+            units = [(split[0], True), *units] + ([] if head_sharded else [(split[1], False)])
         for unit, reshard_after_forward in units:
             if self._initial is None:
                 unit.to(device)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from swiftdist.data import IGNORE
 from swiftdist.errors import SwiftdistError
+from swiftdist.vocab_parallel import VocabShardedHead
 
 # Labelled positions per LM-head chunk where a caller chunks without choosing a size. Training
 # chunks only with --loss-chunk-size: in bf16 (QLoRA, 10 steps) its losses moved by up to 1e-5
@@ -152,6 +153,8 @@ def labelled_loss_sum(model: torch.nn.Module, head: torch.nn.Module, inputs: dic
 
     def loss_as_output(module, _, __):
         # Without grad mode (evaluation) no gradient is wanted, so none is computed in the chunks.
+        if isinstance(module, VocabShardedHead):  # no weight to gather: the ranks share the vocabulary
+            return module.loss_sum(taken.pop(), targets, chunk_size)
         trainable = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
         return ChunkedCrossEntropy.apply(module.forward, chunk_size, taken.pop(), targets, *trainable)
 

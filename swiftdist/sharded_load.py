@@ -76,7 +76,7 @@ def load_empty(cfg, path: Path, precision: str, attn_impl: str | None, strategy:
         return None
 
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside a peft wrapper (names relative to it are the files' names, give or take `.base_layer`)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -98,7 +98,7 @@ def replay_lora_init(model: torch.nn.Module, rng_state: torch.Tensor) -> dict[st
     torch.set_rng_state(rng_state)
     values = {}
     try:
-        for name, layer in _hf_model(model).named_modules():
+        for name, layer in hf_model(model).named_modules():
             if not isinstance(layer, LoraLayer):
                 continue
             if type(layer) is not Linear or layer.lora_variant or layer.lora_embedding_A:
@@ -157,17 +157,24 @@ class InitialValues:
     def load_into(self, model: torch.nn.Module, device: torch.device) -> None:
         """Allocate `model`'s parameters (each rank's shards, once fully_shard has run) on `device`
         and fill them. Buffers keep the values and devices they had."""
-        hf = _hf_model(model)
+        hf = hf_model(model)
         buffers = [(module, name, b) for module in hf.modules() for name, b in module.named_buffers(recurse=False)]
         model.to_empty(device=device)
         for module, name, b in buffers:  # to_empty replaced them with uninitialised memory
             setattr(module, name, b)
         self.fill(model)
 
+    def take_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name`, read from its file, which no longer fills it (a tensor
+        that left the model's parameters: swiftdist.vocab_parallel.shard_head)."""
+        file, key = self.in_files.pop(name)
+        with safe_open(file, framework="pt") as f:
+            return f.get_slice(key)[start:stop]
+
     def fill(self, model: torch.nn.Module) -> None:
         """Write every tensor's initial value into the part of it this rank holds (allocated already:
         a DTensor's local shard, a ZeRO-3 partition, or the whole tensor)."""
-        hf = _hf_model(model)
+        hf = hf_model(model)
         targets = {**dict(hf.named_parameters()), **dict(hf.named_buffers())}
         with torch.no_grad():
             for name, value in self.replayed.items():
@@ -224,7 +231,7 @@ def _zero_partition(param: torch.nn.Parameter) -> tuple[torch.Tensor, Reader]:
 def plan_initial_values(model: torch.nn.Module, path: Path, rng_state: torch.Tensor) -> InitialValues:
     """A source for every parameter and persistent buffer of the empty `model` (built from the HF dir
     `path`, then LoRA-wrapped with the CPU generator at `rng_state`), or CannotSlice."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     if getattr(hf, "_keep_in_fp32_modules_strict", None) and hf.dtype != torch.float32:
         raise CannotSlice(f"{type(hf).__name__} keeps some modules in fp32, which only from_pretrained applies")
     replayed = replay_lora_init(model, rng_state) if hasattr(model, "peft_config") else {}

@@ -6,7 +6,8 @@ RUNS.json holds a list of argument lists. Each run parses its arguments and buil
 `python -m swiftdist.sft` does; only the process group and the imports (torch, transformers,
 DeepSpeed: ~10 s per process) are shared, which keeps a many-strategy test within its budget.
 After each run every rank takes part in one forward pass of a fixed probe batch (the model may be
-sharded) and rank 0 saves its logits as OUTPUT_DIR/probe_logits.pt, for reload comparisons.
+sharded) and rank 0 saves its logits as OUTPUT_DIR/probe_logits.pt, for reload comparisons, and
+the class of the LM head it trained with as OUTPUT_DIR/head.txt.
 """
 
 import json
@@ -42,6 +43,7 @@ def main() -> None:
             logits = probe_logits(trainer)
             if dist_info.is_main:
                 torch.save(logits, trainer.output_dir / "probe_logits.pt")
+                (trainer.output_dir / "head.txt").write_text(type(trainer.strategy.head).__name__)
             del trainer
     finally:
         destroy()

@@ -1,0 +1,188 @@
+"""A frozen LM head split by vocabulary rows over the data-parallel ranks, and a loss that never
+gathers it.
+
+FSDP2 and ZeRO-3 gather a sharded weight whole around its module's call. For the LM head that is
+vocab x hidden (Llama-3's 128k x 4096: 1 GiB in bf16), the largest single weight of most models,
+and on a CPU host the gather needs it twice (gloo gathers into a temporary of the whole output, then
+copies it out): 0.75 GiB of the 1.07B benchmark's fp32 step. LoRA and QLoRA never train the head,
+so it needs no optimizer, no gradient and no wrapper at all: each rank keeps its own rows of it and
+the loss is computed vocabulary-parallel, as Megatron's VocabParallelEmbedding / vocab-parallel
+cross-entropy do across tensor-parallel ranks, here across the data-parallel ones: each rank
+gathers the hidden states of every rank's chunk of labelled positions (chunk x hidden, small), takes
+the logits of its own rows for all of them, the ranks combine each position's max, sum of
+exponentials and target logit (three numbers per position), and the hidden states' gradient, a sum
+over the vocabulary, is reduce-scattered back to the rank the positions came from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from swiftdist.data import IGNORE
+
+
+class VocabShardedHead(torch.nn.Module):
+    """An LM head (a bias-free linear layer) of which this rank holds rows [start, start + len(rows))."""
+
+    def __init__(self, rows: torch.Tensor, start: int, vocab_size: int, group: dist.ProcessGroup):
+        super().__init__()
+        # A buffer, not a parameter: wrappers leave it alone, and it is in no checkpoint (a frozen
+        # base weight comes back from the model path on resume).
+        self.register_buffer("rows", rows, persistent=False)
+        self.start, self.vocab_size, self.group = start, vocab_size, group
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary at this rank's positions, as the whole head would give them
+        (the rows are never gathered; the logits of each rank's slice are exchanged instead).
+        Collective: every rank of the group calls it (the chunked loss calls it with no positions
+        and computes the loss with loss_sum)."""
+        logits = _VocabParallelLogits.apply(self, hidden.reshape(-1, hidden.shape[-1]))
+        return logits.reshape(*hidden.shape[:-1], self.vocab_size)
+
+    def loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """Summed fp32 cross-entropy of this rank's `hidden` [positions x hidden] against `targets`,
+        `chunk_size` positions per rank at a time. Collective: every rank of the group calls it."""
+        return _VocabParallelCrossEntropy.apply(self, chunk_size, hidden, targets)
+
+    def _chunk(self, hidden: torch.Tensor, targets: torch.Tensor, want_grad: bool):
+        """Per-position losses of the gathered positions `hidden`, and the partial gradient of their
+        sum with respect to `hidden` through this rank's rows (None without `want_grad`)."""
+        with torch.enable_grad():
+            x = hidden.detach().requires_grad_(want_grad)
+            logits = _at_least_fp32(F.linear(x, self.rows))  # under the caller's autocast, as the whole head is
+        local = (targets - self.start).clamp(0, len(self.rows) - 1)
+        mine = (targets >= self.start) & (targets < self.start + len(self.rows))
+        peak = logits.detach().amax(dim=1)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
+        probs = (logits.detach() - peak[:, None]).exp_()
+        stats = torch.stack([probs.sum(dim=1), logits.detach().gather(1, local[:, None]).squeeze(1) * mine])
+        dist.all_reduce(stats, group=self.group)
+        total_exp, target_logit = stats
+        counted = targets != IGNORE
+        losses = torch.where(counted, total_exp.log() + peak - target_logit, 0.0)
+        if not want_grad:
+            return losses, None
+        # d loss / d logits = softmax - one-hot(target), zero for positions that do not count.
+        probs.div_(total_exp[:, None])
+        hit = (mine & counted).nonzero().squeeze(1)
+        probs[hit, local[hit]] -= 1
+        probs[~counted] = 0
+        with torch.autocast(hidden.device.type, enabled=False):  # as any backward pass
+            (grad,) = torch.autograd.grad(logits, x, probs)
+        return losses, grad
+
+
+class _VocabParallelLogits(torch.autograd.Function):
+    """Each rank computes its rows' logits at every rank's positions; one all-to-all hands each rank
+    the slices of its own positions, and the same one back carries their gradients in backward."""
+
+    @staticmethod
+    def forward(ctx, head: VocabShardedHead, hidden: torch.Tensor):
+        group = head.group
+        world = dist.get_world_size(group)
+        most = _most(len(hidden), group, hidden.device)
+        per_rank = -(-head.vocab_size // world)
+        gathered = hidden.new_empty((world * most, hidden.shape[1]))
+        dist.all_gather_single(gathered, F.pad(hidden.detach(), (0, 0, 0, most - len(hidden))), group=group)
+        with torch.enable_grad():
+            x = gathered.requires_grad_(hidden.requires_grad)
+            # The last ranks may hold fewer rows: padded columns keep the exchanged blocks equal.
+            local = F.pad(F.linear(x, head.rows), (0, per_rank - len(head.rows)))
+        theirs = torch.empty_like(local)
+        dist.all_to_all_single(theirs, local.detach(), group=group)
+        ctx.head, ctx.x, ctx.local, ctx.n, ctx.most = head, x, local, len(hidden), most
+        # Block s of `theirs` is rank s's vocabulary slice at this rank's positions.
+        return theirs.view(world, most, per_rank).transpose(0, 1).reshape(most, world * per_rank)[:len(hidden), :head.vocab_size]
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        if not ctx.x.requires_grad:
+            return None, None
+        group, world = ctx.head.group, dist.get_world_size(ctx.head.group)
+        per_rank = ctx.local.shape[1]
+        padded = F.pad(grad_logits, (0, world * per_rank - grad_logits.shape[1], 0, ctx.most - ctx.n))
+        mine = torch.empty_like(ctx.local)
+        dist.all_to_all_single(mine, padded.view(ctx.most, world, per_rank).transpose(0, 1).contiguous().to(mine.dtype),
+                               group=group)
+        (partial,) = torch.autograd.grad(ctx.local, ctx.x, mine)
+        own = _at_least_fp32(partial.new_empty((ctx.most, partial.shape[1])))
+        dist.reduce_scatter_single(own, _at_least_fp32(partial), group=group)
+        ctx.x = ctx.local = None
+        return None, own[:ctx.n].to(partial.dtype)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses and sums over the vocabulary in fp32 (or the input's own precision where it is higher)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _most(n: int, group: dist.ProcessGroup, device: torch.device) -> int:
+    """The largest `n` of any rank of `group` (`device`: where the group's backend takes tensors)."""
+    most = torch.tensor([n], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+    return int(most.item())
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """As swiftdist.loss.ChunkedCrossEntropy: gradients are computed chunk by chunk in forward (so
+    each chunk's logits are freed before the next) and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, head: VocabShardedHead, chunk_size: int, hidden: torch.Tensor, targets: torch.Tensor):
+        group = head.group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        most = _most(len(targets), group, hidden.device)  # every rank runs as many chunks
+        chunk = max(1, min(chunk_size, most))
+        grad = torch.zeros_like(hidden) if hidden.requires_grad else None
+        total = _at_least_fp32(hidden.new_zeros(()))
+        for start in range(0, most, chunk):
+            rows, row_targets = hidden[start:start + chunk], targets[start:start + chunk]
+            n = len(rows)
+            gathered = hidden.new_empty((world * chunk, hidden.shape[1]))
+            dist.all_gather_single(gathered, F.pad(rows.detach(), (0, 0, 0, chunk - n)), group=group)
+            gathered_targets = targets.new_empty(world * chunk)
+            dist.all_gather_single(gathered_targets, F.pad(row_targets, (0, chunk - n), value=IGNORE), group=group)
+            losses, partial = head._chunk(gathered, gathered_targets, grad is not None)
+            total += losses[rank * chunk:rank * chunk + n].sum()
+            if grad is not None:
+                # Summed over the vocabulary's slices in fp32, as the whole head's matmul accumulates.
+                own = _at_least_fp32(partial.new_empty((chunk, partial.shape[1])))
+                dist.reduce_scatter_single(own, _at_least_fp32(partial), group=group)
+                grad[start:start + n] = own[:n]
+        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        ctx.hidden_needs_grad = grad is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return None, None, grad * grad_loss.to(grad.dtype) if ctx.hidden_needs_grad else None, None
+
+
+def shard_head(model: torch.nn.Module, group: dist.ProcessGroup, device: torch.device, initial=None) -> bool:
+    """Replace `model`'s LM head by this rank's rows of it (a VocabShardedHead), where it qualifies: a
+    frozen, bias-free nn.Linear not tied to the input embedding, on more than one rank. `initial`
+    (swiftdist.sharded_load.InitialValues) is where an empty (meta) head reads its rows from; they
+    are taken out of it. Returns whether the head was replaced."""
+    from swiftdist.sharded_load import hf_model
+
+    hf = hf_model(model)
+    head = hf.get_output_embeddings()
+    world = dist.get_world_size(group)
+    if (world == 1 or type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad
+            or hasattr(head.weight, "ds_id")  # partitioned by zero.Init already
+            or any(p is head.weight for p in hf.get_input_embeddings().parameters())):
+        return False
+    vocab_size = head.weight.shape[0]
+    per_rank = -(-vocab_size // world)
+    start = min(dist.get_rank(group) * per_rank, vocab_size)
+    stop = min(start + per_rank, vocab_size)
+    if head.weight.is_meta:
+        name = next(n for n, m in hf.named_modules() if m is head) + ".weight"
+        rows = initial.take_rows(name, start, stop)
+    else:
+        rows = head.weight.detach()[start:stop]
+    hf.set_output_embeddings(VocabShardedHead(rows.to(device, head.weight.dtype, copy=True), start, vocab_size, group))
+    return True
