@@ -48,7 +48,7 @@ from swiftdist.errors import SwiftdistError
 from swiftdist.model import weight_dtype
 from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import Strategy, build_optimizer, param_groups
-from swiftdist.vocab_parallel import shard_head
+from swiftdist.vocab_parallel import shard_embeddings
 
 log = logging.getLogger("swiftdist")
 
@@ -217,10 +217,10 @@ class ZeroStrategy(Strategy):
         import deepspeed
 
         if self.stage == 3:
-            # A frozen LM head keeps its rows on each rank instead of a partition gathered whole for the
-            # loss (swiftdist/vocab_parallel.py); offloaded, it is partitioned as any weight.
+            # A frozen embedding and LM head keep their rows on each rank instead of partitions gathered
+            # whole at every step (swiftdist/vocab_parallel.py); offloaded, they are partitioned as any weight.
             if not self.offload:
-                shard_head(model, torch.distributed.group.WORLD, self.dist.device, self._initial)
+                shard_embeddings(model, torch.distributed.group.WORLD, self.dist.device, self._initial)
             self._partition(model)
             self._bound_live_parameters(model)
         optimizer = None if "optimizer" in self.ds_config else self._client_optimizer(model)

@@ -21,7 +21,7 @@ from swiftdist.errors import SwiftdistError
 from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import build_optimizer
 from swiftdist.strategies.dcp import DCPStrategy
-from swiftdist.vocab_parallel import shard_head
+from swiftdist.vocab_parallel import shard_embeddings
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -83,13 +83,14 @@ class FSDPStrategy(DCPStrategy):
         # The head is the last unit in forward and the first in backward, so it stays gathered in
         # between (one all-gather a step, not two; the chunked loss of swiftdist/loss.py does not
         # even use its weight in backward).
-        # A frozen head (LoRA, QLoRA) is no unit at all: each rank keeps its rows of it and the loss
-        # is computed vocabulary-parallel (swiftdist/vocab_parallel.py), so it is never gathered.
-        # Offloaded, it stays a unit: its rows would otherwise live on the device.
-        head_sharded = not self.offload and shard_head(model, mesh.get_group(), device, self._initial)
+        # A frozen embedding and head (LoRA, QLoRA) are no units at all: each rank keeps its rows of
+        # them, and the lookup and the loss run vocabulary-parallel (swiftdist/vocab_parallel.py), so
+        # neither is ever gathered. Offloaded, they stay units: their rows would live on the device.
+        rows_kept = (False, False) if self.offload else shard_embeddings(model, mesh.get_group(), device, self._initial)
         units = [(layer, True) for layer in decoder_layers(model)]
         if split := embedding_and_head(model):
-            units = [(split[0], True), *units] + ([] if head_sharded else [(split[1], False)])
+            (embedding, embedding_kept), (head, head_kept) = zip(split, rows_kept)
+            units = [(embedding, True)] * (not embedding_kept) + units + [(head, False)] * (not head_kept)
         for unit, reshard_after_forward in units:
             if self._initial is None:
                 unit.to(device)

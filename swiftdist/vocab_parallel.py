@@ -1,5 +1,5 @@
-"""A frozen LM head split by vocabulary rows over the data-parallel ranks, and a loss that never
-gathers it.
+"""A frozen LM head and input embedding split by vocabulary rows over the data-parallel ranks, and a
+loss and a lookup that never gather them.
 
 FSDP2 and ZeRO-3 gather a sharded weight whole around its module's call. For the LM head that is
 vocab x hidden (Llama-3's 128k x 4096: 1 GiB in bf16), the largest single weight of most models,
@@ -7,11 +7,13 @@ and on a CPU host the gather needs it twice (gloo gathers into a temporary of th
 copies it out): 0.75 GiB of the 1.07B benchmark's fp32 step. LoRA and QLoRA never train the head,
 so it needs no optimizer, no gradient and no wrapper at all: each rank keeps its own rows of it and
 the loss is computed vocabulary-parallel, as Megatron's VocabParallelEmbedding / vocab-parallel
-cross-entropy do across tensor-parallel ranks, here across the data-parallel ones: each rank
+cross-entropy do across tensor-parallel ranks, here across the data-parallel ones. For the head, each rank
 gathers the hidden states of every rank's chunk of labelled positions (chunk x hidden, small), takes
 the logits of its own rows for all of them, the ranks combine each position's max, sum of
 exponentials and target logit (three numbers per position), and the hidden states' gradient, a sum
-over the vocabulary, is reduce-scattered back to the rank the positions came from.
+over the vocabulary, is reduce-scattered back to the rank the positions came from. The input
+embedding (as large, gathered whole by the same wrappers at the start of every forward) is looked
+up from the rows of the ids the batch uses, which each rank's range contributes.
 """
 
 from __future__ import annotations
@@ -161,28 +163,90 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return None, None, grad * grad_loss.to(grad.dtype) if ctx.hidden_needs_grad else None, None
 
 
-def shard_head(model: torch.nn.Module, group: dist.ProcessGroup, device: torch.device, initial=None) -> bool:
-    """Replace `model`'s LM head by this rank's rows of it (a VocabShardedHead), where it qualifies: a
-    frozen, bias-free nn.Linear not tied to the input embedding, on more than one rank. `initial`
-    (swiftdist.sharded_load.InitialValues) is where an empty (meta) head reads its rows from; they
-    are taken out of it. Returns whether the head was replaced."""
+class VocabShardedEmbedding(torch.nn.Module):
+    """A frozen input embedding of which this rank holds rows [start, start + len(rows)).
+
+    A lookup gathers every rank's token ids (integers: small), and each rank contributes the rows
+    of the distinct ids in its range; so a rank receives at most one row per distinct id of the
+    global batch, never more than the whole embedding."""
+
+    def __init__(self, rows: torch.Tensor, start: int, vocab_size: int, group: dist.ProcessGroup):
+        super().__init__()
+        self.register_buffer("rows", rows, persistent=False)  # as VocabShardedHead's
+        self.start, self.vocab_size, self.group = start, vocab_size, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        group, world = self.group, dist.get_world_size(self.group)
+        flat = ids.reshape(-1)
+        most = _most(len(flat), group, ids.device)
+        every = flat.new_empty(world * most)
+        dist.all_gather_single(every, F.pad(flat, (0, most - len(flat)), value=-1), group=group)
+        wanted = torch.unique(every)  # sorted, so each rank's range is one run of it
+        wanted = wanted[wanted >= 0]
+        per_rank = -(-self.vocab_size // world)
+        bounds = torch.searchsorted(wanted, torch.arange(world + 1, device=ids.device) * per_rank)
+        counts = bounds.diff()
+        width = int(counts.max())
+        rank = dist.get_rank(group)
+        mine = self.rows[wanted[bounds[rank]:bounds[rank + 1]] - self.start]
+        table = self.rows.new_empty((world * width, self.rows.shape[1]))
+        dist.all_gather_single(table, F.pad(mine, (0, 0, 0, width - len(mine))), group=group)
+        # Distinct id j sits in block owner(j), at its place within that rank's run.
+        j = torch.searchsorted(wanted, flat)
+        owner = torch.bucketize(j, bounds[1:], right=True)
+        return table[owner * width + j - bounds[owner]].reshape(*ids.shape, -1)
+
+
+def _replace(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
+    """`new`, carrying the forward hooks registered on `old` (e.g. peft's, which make a frozen
+    embedding's output require grad for gradient checkpointing)."""
+    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        setattr(new, hooks, getattr(old, hooks))
+    return new
+
+
+def shard_embeddings(model: torch.nn.Module, group: dist.ProcessGroup, device: torch.device,
+                     initial=None) -> tuple[bool, bool]:
+    """Replace `model`'s frozen input embedding and LM head by this rank's rows of them
+    (VocabShardedEmbedding, VocabShardedHead), on more than one rank: an nn.Embedding without
+    max_norm and a bias-free nn.Linear that train nothing. Tied ones share one weight: both are
+    replaced, sharing its rows, or neither. `initial` (swiftdist.sharded_load.InitialValues) is
+    where an empty (meta) weight reads its rows from; they are taken out of it. Returns (embedding
+    replaced, head replaced)."""
     from swiftdist.sharded_load import hf_model
 
     hf = hf_model(model)
-    head = hf.get_output_embeddings()
+    embedding, head = hf.get_input_embeddings(), hf.get_output_embeddings()
     world = dist.get_world_size(group)
-    if (world == 1 or type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad
-            or hasattr(head.weight, "ds_id")  # partitioned by zero.Init already
-            or any(p is head.weight for p in hf.get_input_embeddings().parameters())):
-        return False
-    vocab_size = head.weight.shape[0]
-    per_rank = -(-vocab_size // world)
-    start = min(dist.get_rank(group) * per_rank, vocab_size)
-    stop = min(start + per_rank, vocab_size)
-    if head.weight.is_meta:
-        name = next(n for n, m in hf.named_modules() if m is head) + ".weight"
-        rows = initial.take_rows(name, start, stop)
-    else:
-        rows = head.weight.detach()[start:stop]
-    hf.set_output_embeddings(VocabShardedHead(rows.to(device, head.weight.dtype, copy=True), start, vocab_size, group))
-    return True
+
+    def frozen(module, kind) -> bool:
+        weight = getattr(module, "weight", None)
+        return (world > 1 and type(module) is kind and weight is not None and not weight.requires_grad
+                and not hasattr(weight, "ds_id")  # partitioned by zero.Init already
+                and getattr(module, "bias", None) is None and getattr(module, "max_norm", None) is None)
+
+    split = {"embedding": frozen(embedding, torch.nn.Embedding), "head": frozen(head, torch.nn.Linear)}
+    if getattr(head, "weight", None) is embedding.weight and not all(split.values()):
+        split = {"embedding": False, "head": False}
+    rows_of: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if id(weight) not in rows_of:
+            vocab_size = weight.shape[0]
+            per_rank = -(-vocab_size // world)
+            start = min(dist.get_rank(group) * per_rank, vocab_size)
+            stop = min(start + per_rank, vocab_size)
+            if weight.is_meta:
+                name = next(n for n, p in hf.named_parameters() if p is weight)
+                taken = initial.take_rows(name, start, stop)
+            else:
+                taken = weight.detach()[start:stop]
+            rows_of[id(weight)] = taken.to(device, weight.dtype, copy=True), start
+        return rows_of[id(weight)]
+
+    if split["embedding"]:
+        hf.set_input_embeddings(_replace(embedding, VocabShardedEmbedding(*rows(embedding.weight), embedding.weight.shape[0], group)))
+    if split["head"]:
+        hf.set_output_embeddings(_replace(head, VocabShardedHead(*rows(head.weight), head.weight.shape[0], group)))
+    return split["embedding"], split["head"]

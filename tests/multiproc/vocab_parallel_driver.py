@@ -2,9 +2,9 @@
 
     torchrun --nproc-per-node N tests/multiproc/vocab_parallel_driver.py OUT_DIR
 
-Every rank builds the same random head and data, keeps its rows, and computes on its own positions
+Every rank builds the same random embedding, head and data, keeps its rows, and computes on its own positions
 (a different count per rank, one rank with none, ignored targets among them): the summed loss and
-the hidden states' gradient of the chunked loss (several chunk sizes) and of the whole logits. Rank
+the hidden states' gradient of the chunked loss (several chunk sizes) and of the whole logits; the embedding's lookup of each rank's own ids. Rank
 r writes OUT_DIR/rank{r}.json with the largest differences from the whole head's.
 """
 
@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from swiftdist.data import IGNORE
-from swiftdist.vocab_parallel import VocabShardedHead, shard_head
+from swiftdist.vocab_parallel import VocabShardedEmbedding, VocabShardedHead, shard_embeddings
 
 VOCAB, HIDDEN = 37, 8  # a vocabulary no world size of 2-4 divides evenly
 
@@ -35,6 +35,9 @@ class TinyLM(torch.nn.Module):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def set_input_embeddings(self, embedding):
+        self.embed = embedding
+
     def set_output_embeddings(self, head):
         self.lm_head = head
 
@@ -45,21 +48,29 @@ def main() -> None:
     torch.manual_seed(0)
     model = TinyLM()
     weight = model.lm_head.weight.detach().clone()
+    embedding = model.embed.weight.detach().clone()
+    out = {}
     counts = [5, 0, 11, 3][:world]  # rank 1 has no positions at all
     hidden_all = [torch.randn(n, HIDDEN, dtype=torch.float64) for n in counts]
     targets_all = [torch.randint(0, VOCAB, (n,)) for n in counts]
     for t in targets_all:
         t[::3] = IGNORE
     model.lm_head.weight.data = weight.double()
-    assert shard_head(model, dist.group.WORLD, torch.device("cpu"))
+    model.embed.weight.data = embedding.double()
+    model.embed.weight.requires_grad_(False)
+    assert shard_embeddings(model, dist.group.WORLD, torch.device("cpu")) == (True, True)
     head = model.lm_head
-    assert isinstance(head, VocabShardedHead) and len(head.rows) < VOCAB
+    assert isinstance(head, VocabShardedHead) and isinstance(model.embed, VocabShardedEmbedding)
+    assert len(head.rows) < VOCAB and len(model.embed.rows) < VOCAB
+    # Every rank looks up its own ids (the lookup gathers only the distinct ids in use).
+    ids = torch.randint(0, VOCAB, (rank + 1, 3 + rank))
+    ids[0, 0] = VOCAB - 1  # the last row, on the last rank
+    out["embedding"] = [(model.embed(ids) - embedding.double()[ids]).abs().max().item()]
     hidden, targets = hidden_all[rank], targets_all[rank]
     # fp64: the two ways of summing agree to ~1e-15, so any real error (a wrong slice or offset) shows.
     ref_hidden = hidden.clone().requires_grad_()
     ref_loss = F.cross_entropy(ref_hidden @ weight.double().T, targets, reduction="sum", ignore_index=IGNORE)
     ref_loss.backward()
-    out = {}
     for chunk in (1, 2, 4, 1024):
         h = hidden.clone().requires_grad_()
         loss = head.loss_sum(h, targets, chunk)
