@@ -19,6 +19,7 @@ from swiftdist.config import ParallelConfig, RunConfig
 from swiftdist.distributed import DistInfo
 from swiftdist.errors import SwiftdistError
 from swiftdist.loss import output_head, token_loss_sum
+from swiftdist.vocab_parallel import kept_rows
 
 
 class Strategy(ABC):
@@ -193,7 +194,7 @@ class Strategy(ABC):
         return _storage_bytes(self._state_tensors())
 
     def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
-        params = list(self.model.parameters())
+        params = list(self.model.parameters()) + kept_rows(self.model)
         optimizer = [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
         return {"params": params, "optimizer": optimizer}
 

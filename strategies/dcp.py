@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from swiftdist.errors import SwiftdistError
 from swiftdist.strategies.base import Strategy
+from swiftdist.vocab_parallel import whole_weights
 
 
 class DCPStrategy(Strategy):
@@ -53,6 +54,8 @@ class DCPStrategy(Strategy):
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         state = get_model_state_dict(self.model, options=options)
+        if not trainable_only:
+            state.update(whole_weights(self.unwrapped()))
         return state if self.dist.is_main else {}
 
 

@@ -48,7 +48,7 @@ from swiftdist.errors import SwiftdistError
 from swiftdist.model import weight_dtype
 from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import Strategy, build_optimizer, param_groups
-from swiftdist.vocab_parallel import shard_embeddings
+from swiftdist.vocab_parallel import kept_rows, shard_embeddings, whole_weights
 
 log = logging.getLogger("swiftdist")
 
@@ -406,12 +406,14 @@ class ZeroStrategy(Strategy):
                 tensor = p.data
             if self.dist.is_main:
                 out[name] = tensor.detach().cpu()
-        return out
+        if not trainable_only:
+            out.update(whole_weights(self.unwrapped(), every_name=False))
+        return out if self.dist.is_main else {}
 
     def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
         # ZeRO-3 keeps each parameter's partition in ds_tensor. The ZeRO optimizer holds the fp32
         # master partitions (attribute named per stage) and steps a torch optimizer on them.
-        params = [getattr(p, "ds_tensor", p) for p in self.model.module.parameters()]
+        params = [getattr(p, "ds_tensor", p) for p in self.model.module.parameters()] + kept_rows(self.model.module)
         opt = self.optimizer
         masters = list(getattr(opt, "fp32_partitioned_groups_flat", None) or opt.single_partition_of_fp32_groups)
         moments = [t for state in opt.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]

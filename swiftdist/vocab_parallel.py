@@ -18,15 +18,19 @@ up from the rows of the ids the batch uses, which each rank's range contributes.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from swiftdist.data import IGNORE
 
+log = logging.getLogger("swiftdist")
 
-class VocabShardedHead(torch.nn.Module):
-    """An LM head (a bias-free linear layer) of which this rank holds rows [start, start + len(rows))."""
+
+class _VocabRows(torch.nn.Module):
+    """A frozen [vocab x hidden] weight of which this rank holds rows [start, start + len(rows))."""
 
     def __init__(self, rows: torch.Tensor, start: int, vocab_size: int, group: dist.ProcessGroup):
         super().__init__()
@@ -34,6 +38,18 @@ class VocabShardedHead(torch.nn.Module):
         # base weight comes back from the model path on resume).
         self.register_buffer("rows", rows, persistent=False)
         self.start, self.vocab_size, self.group = start, vocab_size, group
+
+    def whole(self) -> torch.Tensor:
+        """The whole weight, on every rank (collective)."""
+        world = dist.get_world_size(self.group)
+        per_rank = -(-self.vocab_size // world)
+        whole = self.rows.new_empty((world * per_rank, self.rows.shape[1]))
+        dist.all_gather_single(whole, F.pad(self.rows, (0, 0, 0, per_rank - len(self.rows))), group=self.group)
+        return whole[:self.vocab_size]
+
+
+class VocabShardedHead(_VocabRows):
+    """An LM head (a bias-free linear layer) split by vocabulary rows."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary at this rank's positions, as the whole head would give them
@@ -163,17 +179,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return None, None, grad * grad_loss.to(grad.dtype) if ctx.hidden_needs_grad else None, None
 
 
-class VocabShardedEmbedding(torch.nn.Module):
-    """A frozen input embedding of which this rank holds rows [start, start + len(rows)).
+class VocabShardedEmbedding(_VocabRows):
+    """A frozen input embedding split by vocabulary rows.
 
     A lookup gathers every rank's token ids (integers: small), and each rank contributes the rows
     of the distinct ids in its range; so a rank receives at most one row per distinct id of the
     global batch, never more than the whole embedding."""
-
-    def __init__(self, rows: torch.Tensor, start: int, vocab_size: int, group: dist.ProcessGroup):
-        super().__init__()
-        self.register_buffer("rows", rows, persistent=False)  # as VocabShardedHead's
-        self.start, self.vocab_size, self.group = start, vocab_size, group
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         group, world = self.group, dist.get_world_size(self.group)
@@ -195,6 +206,27 @@ class VocabShardedEmbedding(torch.nn.Module):
         j = torch.searchsorted(wanted, flat)
         owner = torch.bucketize(j, bounds[1:], right=True)
         return table[owner * width + j - bounds[owner]].reshape(*ids.shape, -1)
+
+
+def kept_rows(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The rows this rank keeps of `model`'s split embedding and head (weights it holds, though no parameters)."""
+    return [m.rows for m in model.modules() if isinstance(m, _VocabRows)]
+
+
+def whole_weights(model: torch.nn.Module, every_name: bool = True) -> dict[str, torch.Tensor]:
+    """The whole weights of `model`'s split embedding and head, keyed as their `weight` was in its
+    state dict, on every rank (collective). Tied ones are gathered once and listed under both
+    names, or with `every_name=False` under the first only (as named_parameters() lists them)."""
+    out, gathered = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, _VocabRows):
+            key = module.rows.data_ptr()
+            if key not in gathered:
+                gathered[key] = module.whole().cpu()
+            elif not every_name:
+                continue
+            out[f"{name}.weight"] = gathered[key]
+    return out
 
 
 def _replace(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
@@ -245,6 +277,9 @@ def shard_embeddings(model: torch.nn.Module, group: dist.ProcessGroup, device: t
             rows_of[id(weight)] = taken.to(device, weight.dtype, copy=True), start
         return rows_of[id(weight)]
 
+    if any(split.values()):
+        kept = " and ".join(["the input embedding"] * split["embedding"] + ["the LM head"] * split["head"])
+        log.info("%s: each rank keeps 1/%d of the rows (vocabulary-parallel, never gathered)", kept, world)
     if split["embedding"]:
         hf.set_input_embeddings(_replace(embedding, VocabShardedEmbedding(*rows(embedding.weight), embedding.weight.shape[0], group)))
     if split["head"]:
