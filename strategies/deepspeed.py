@@ -45,6 +45,7 @@ from filelock import FileLock
 
 from swiftdist.checkpoint import fsync_tree
 from swiftdist.errors import SwiftdistError
+from swiftdist.host_memory import return_large_blocks_to_the_os
 from swiftdist.model import weight_dtype
 from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import Strategy, build_optimizer, param_groups
@@ -518,27 +519,6 @@ def convert_to_universal(src: Path, out: Path) -> None:
         shutil.rmtree(partial)
         log.info("converted %s to a universal checkpoint in %.1f s (%s workers)", src, time.monotonic() - started,
                  workers)
-
-
-MMAP_THRESHOLD = 4 << 20
-
-
-def return_large_blocks_to_the_os() -> None:
-    """ZeRO-3 on a CPU host gathers every layer's weights into new host tensors and frees them after
-    the layer, twice a step. glibc's malloc raises its mmap threshold to the largest block freed (up
-    to 32 MiB), so after the first freed weight, gathered weights and activations below that size
-    come from the heap, whose freed blocks stay resident: 1.07B LoRA, fp32, 2 ranks, 1.3-1.7 GiB of
-    free heap per rank by the end of the first backward. A fixed threshold (which also stops its
-    growth) maps every block of 4 MiB or more and unmaps it when freed, at the cost of page faults
-    on each new one (measured +8% CPU time on that step). Process-wide, and only where glibc is the
-    allocator; a threshold the user set (MALLOC_MMAP_THRESHOLD_) is kept."""
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    m_mmap_threshold = -3  # malloc.h
-    ctypes.CDLL(None).mallopt(m_mmap_threshold, MMAP_THRESHOLD)
 
 
 def place_non_parameters(model: torch.nn.Module, device: torch.device | str) -> None:

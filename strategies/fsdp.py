@@ -18,6 +18,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from swiftdist.errors import SwiftdistError
+from swiftdist.host_memory import InPlaceAllGather, return_large_blocks_to_the_os
 from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import build_optimizer
 from swiftdist.strategies.dcp import DCPStrategy
@@ -59,6 +60,8 @@ class FSDPStrategy(DCPStrategy):
         return torch.device("cpu")
 
     def build_model(self, path, attn_impl: str | None = None) -> torch.nn.Module:
+        if self.dist.device.type == "cpu":
+            return_large_blocks_to_the_os()
         built = load_empty(self.cfg.model, path, self.precision, attn_impl, self.name)
         if built is None:  # QLoRA, or files it cannot slice (logged): every rank loads the whole model
             return super().build_model(path, attn_impl)
@@ -96,6 +99,9 @@ class FSDPStrategy(DCPStrategy):
                 unit.to(device)
             fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        if torch.distributed.get_backend(mesh.get_group()) == "gloo":
+            for unit in [unit for unit, _ in units] + [model]:
+                unit.set_custom_all_gather(InPlaceAllGather())
         if self._initial is not None:
             # Offloaded shards live in host memory; buffers stay where fully_shard put them.
             self._initial.load_into(model, torch.device("cpu") if self.offload else device)

@@ -94,7 +94,10 @@ class VocabShardedHead(_VocabRows):
 
 class _VocabParallelLogits(torch.autograd.Function):
     """Each rank computes its rows' logits at every rank's positions; one all-to-all hands each rank
-    the slices of its own positions, and the same one back carries their gradients in backward."""
+    the slices of its own positions, and the same one back carries their gradients in backward.
+    Nothing is kept for backward but the shapes: the hidden states' gradient is the logits'
+    gradient times the rows, in the dtype the logits were computed in (autocast's, as the whole
+    head's backward)."""
 
     @staticmethod
     def forward(ctx, head: VocabShardedHead, hidden: torch.Tensor):
@@ -103,32 +106,34 @@ class _VocabParallelLogits(torch.autograd.Function):
         most = _most(len(hidden), group, hidden.device)
         per_rank = -(-head.vocab_size // world)
         gathered = hidden.new_empty((world * most, hidden.shape[1]))
-        dist.all_gather_single(gathered, F.pad(hidden.detach(), (0, 0, 0, most - len(hidden))), group=group)
-        with torch.enable_grad():
-            x = gathered.requires_grad_(hidden.requires_grad)
-            # The last ranks may hold fewer rows: padded columns keep the exchanged blocks equal.
-            local = F.pad(F.linear(x, head.rows), (0, per_rank - len(head.rows)))
+        dist.all_gather_single(gathered, F.pad(hidden, (0, 0, 0, most - len(hidden))), group=group)
+        local = F.linear(gathered, head.rows)
+        del gathered
+        if len(head.rows) < per_rank:  # the last ranks may hold fewer rows: the exchanged blocks stay equal
+            local = F.pad(local, (0, per_rank - len(head.rows)))
         theirs = torch.empty_like(local)
-        dist.all_to_all_single(theirs, local.detach(), group=group)
-        ctx.head, ctx.x, ctx.local, ctx.n, ctx.most = head, x, local, len(hidden), most
+        dist.all_to_all_single(theirs, local, group=group)
+        del local
+        ctx.head, ctx.n, ctx.most, ctx.dtype, ctx.hidden_dtype = head, len(hidden), most, theirs.dtype, hidden.dtype
         # Block s of `theirs` is rank s's vocabulary slice at this rank's positions.
         return theirs.view(world, most, per_rank).transpose(0, 1).reshape(most, world * per_rank)[:len(hidden), :head.vocab_size]
 
     @staticmethod
     def backward(ctx, grad_logits):
-        if not ctx.x.requires_grad:
-            return None, None
-        group, world = ctx.head.group, dist.get_world_size(ctx.head.group)
-        per_rank = ctx.local.shape[1]
-        padded = F.pad(grad_logits, (0, world * per_rank - grad_logits.shape[1], 0, ctx.most - ctx.n))
-        mine = torch.empty_like(ctx.local)
-        dist.all_to_all_single(mine, padded.view(ctx.most, world, per_rank).transpose(0, 1).contiguous().to(mine.dtype),
-                               group=group)
-        (partial,) = torch.autograd.grad(ctx.local, ctx.x, mine)
+        head = ctx.head
+        group, world = head.group, dist.get_world_size(head.group)
+        per_rank = -(-head.vocab_size // world)
+        blocks = grad_logits.new_zeros((world, ctx.most, per_rank), dtype=ctx.dtype)
+        for rank, block in enumerate(grad_logits.split(per_rank, dim=1)):
+            blocks[rank, :ctx.n, :block.shape[1]] = block
+        mine = torch.empty_like(blocks)
+        dist.all_to_all_single(mine, blocks, group=group)
+        del blocks
+        partial = mine.view(world * ctx.most, per_rank)[:, :len(head.rows)] @ head.rows.to(ctx.dtype)
+        del mine
         own = _at_least_fp32(partial.new_empty((ctx.most, partial.shape[1])))
         dist.reduce_scatter_single(own, _at_least_fp32(partial), group=group)
-        ctx.x = ctx.local = None
-        return None, own[:ctx.n].to(partial.dtype)
+        return None, own[:ctx.n].to(ctx.hidden_dtype)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_zero3_on_a_cpu_host_returns_freed_large_blocks_to_the_os():
     # threshold it is unmapped, and the heap's free bytes do not grow by it.
     code = """
 import ctypes, sys
-from swiftdist.strategies.deepspeed import return_large_blocks_to_the_os
+from swiftdist.host_memory import return_large_blocks_to_the_os
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
