@@ -4,7 +4,7 @@
 
 Every rank builds the same random embedding, head and data, keeps its rows, and computes on its own positions
 (a different count per rank, one rank with none, ignored targets among them): the summed loss and
-the hidden states' gradient of the chunked loss (several chunk sizes) and of the whole logits; the embedding's lookup of each rank's own ids. Rank
+the hidden states' gradient of the chunked loss (several chunk sizes) and of the whole logits; the embedding's lookup of each rank's own ids; which modules are split. Rank
 r writes OUT_DIR/rank{r}.json with the largest differences from the whole head's.
 """
 
@@ -46,10 +46,25 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
+    # What is split: frozen weights only (a trained one needs its optimizer and wrapper), and tied
+    # ones both or neither.
+    trained_head = TinyLM()
+    trained_head.lm_head.weight.requires_grad_(True)
+    trained_head.embed.weight.requires_grad_(False)
+    tied = TinyLM()
+    tied.lm_head.weight = tied.embed.weight  # trainable: neither is split
+    frozen_tied = TinyLM()
+    frozen_tied.lm_head.weight = frozen_tied.embed.weight
+    frozen_tied.embed.weight.requires_grad_(False)
+    out = {"which": [
+        shard_embeddings(trained_head, dist.group.WORLD, torch.device("cpu")) != (True, False),
+        shard_embeddings(tied, dist.group.WORLD, torch.device("cpu")) != (False, False),
+        shard_embeddings(frozen_tied, dist.group.WORLD, torch.device("cpu")) != (True, True),
+        frozen_tied.embed.rows is not frozen_tied.lm_head.rows,  # one set of rows for both
+    ]}
     model = TinyLM()
     weight = model.lm_head.weight.detach().clone()
     embedding = model.embed.weight.detach().clone()
-    out = {}
     counts = [5, 0, 11, 3][:world]  # rank 1 has no positions at all
     hidden_all = [torch.randn(n, HIDDEN, dtype=torch.float64) for n in counts]
     targets_all = [torch.randint(0, VOCAB, (n,)) for n in counts]
