@@ -65,31 +65,52 @@ class VocabShardedHead(_VocabRows):
         return _VocabParallelCrossEntropy.apply(self, chunk_size, hidden, targets)
 
     def _chunk(self, hidden: torch.Tensor, targets: torch.Tensor, want_grad: bool):
-        """Per-position losses of the gathered positions `hidden`, and the partial gradient of their
-        sum with respect to `hidden` through this rank's rows (None without `want_grad`)."""
-        with torch.enable_grad():
-            x = hidden.detach().requires_grad_(want_grad)
-            logits = _at_least_fp32(F.linear(x, self.rows))  # under the caller's autocast, as the whole head is
+        """Per-position losses of the gathered positions `hidden`, the partial gradient of their sum
+        with respect to `hidden` through this rank's rows (None without `want_grad`; to be summed over
+        the ranks, then rounded with `round_grad`), and the dtype the logits were computed in."""
+        raw = F.linear(hidden, self.rows)  # under the caller's autocast, as the whole head is
+        logits = _at_least_fp32(raw)
         local = (targets - self.start).clamp(0, len(self.rows) - 1)
         mine = (targets >= self.start) & (targets < self.start + len(self.rows))
-        peak = logits.detach().amax(dim=1)
+        peak = logits.amax(dim=1)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
-        probs = (logits.detach() - peak[:, None]).exp_()
-        stats = torch.stack([probs.sum(dim=1), logits.detach().gather(1, local[:, None]).squeeze(1) * mine])
+        probs = (logits - peak[:, None]).exp_()
+        stats = torch.stack([probs.sum(dim=1), logits.gather(1, local[:, None]).squeeze(1) * mine])
+        del logits
         dist.all_reduce(stats, group=self.group)
         total_exp, target_logit = stats
         counted = targets != IGNORE
         losses = torch.where(counted, total_exp.log() + peak - target_logit, 0.0)
         if not want_grad:
-            return losses, None
+            return losses, None, raw.dtype
         # d loss / d logits = softmax - one-hot(target), zero for positions that do not count.
         probs.div_(total_exp[:, None])
         hit = (mine & counted).nonzero().squeeze(1)
         probs[hit, local[hit]] -= 1
         probs[~counted] = 0
-        with torch.autocast(hidden.device.type, enabled=False):  # as any backward pass
-            (grad,) = torch.autograd.grad(logits, x, probs)
-        return losses, grad
+        return losses, self.partial_grad(probs, raw.dtype), raw.dtype
+
+    def partial_grad(self, grad_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """grad_logits [positions x this rank's rows] @ rows, as the whole head's backward computes it in
+        `dtype` (autocast's, or the rows' own): the operands rounded to `dtype`, the products summed in
+        fp32 and, once the ranks' parts are summed, rounded once (round_grad). A part rounded to bf16
+        on each rank before the sum would differ from the whole head's by up to a bf16 ulp (4e-3)."""
+        grad_logits = grad_logits[:, :len(self.rows)].to(dtype)
+        out = _at_least_fp32(grad_logits.new_zeros((len(grad_logits), self.rows.shape[1])))
+        for block in range(0, len(self.rows), ROW_BLOCK):  # an fp32 copy of a block of rows at a time
+            rows = slice(block, block + ROW_BLOCK)
+            out += _at_least_fp32(grad_logits[:, rows]) @ _at_least_fp32(self.rows[rows].to(dtype))
+        return out
+
+
+# Vocabulary rows upcast at a time for the hidden states' gradient (4096 x 4096 in fp32: 64 MiB).
+ROW_BLOCK = 4096
+
+
+def round_grad(summed: torch.Tensor, dtype: torch.dtype, hidden_dtype: torch.dtype) -> torch.Tensor:
+    """The ranks' summed partial_grad as the whole head's backward returns it: its output in `dtype`,
+    cast to the hidden states' dtype."""
+    return summed.to(dtype).to(hidden_dtype)
 
 
 class _VocabParallelLogits(torch.autograd.Function):
@@ -129,11 +150,11 @@ class _VocabParallelLogits(torch.autograd.Function):
         mine = torch.empty_like(blocks)
         dist.all_to_all_single(mine, blocks, group=group)
         del blocks
-        partial = mine.view(world * ctx.most, per_rank)[:, :len(head.rows)] @ head.rows.to(ctx.dtype)
+        partial = head.partial_grad(mine.view(world * ctx.most, per_rank), ctx.dtype)
         del mine
-        own = _at_least_fp32(partial.new_empty((ctx.most, partial.shape[1])))
-        dist.reduce_scatter_single(own, _at_least_fp32(partial), group=group)
-        return None, own[:ctx.n].to(ctx.hidden_dtype)
+        own = partial.new_empty((ctx.most, partial.shape[1]))
+        dist.reduce_scatter_single(own, partial, group=group)
+        return None, round_grad(own[:ctx.n], ctx.dtype, ctx.hidden_dtype)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -167,13 +188,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             dist.all_gather_single(gathered, F.pad(rows.detach(), (0, 0, 0, chunk - n)), group=group)
             gathered_targets = targets.new_empty(world * chunk)
             dist.all_gather_single(gathered_targets, F.pad(row_targets, (0, chunk - n), value=IGNORE), group=group)
-            losses, partial = head._chunk(gathered, gathered_targets, grad is not None)
+            losses, partial, dtype = head._chunk(gathered, gathered_targets, grad is not None)
             total += losses[rank * chunk:rank * chunk + n].sum()
             if grad is not None:
-                # Summed over the vocabulary's slices in fp32, as the whole head's matmul accumulates.
-                own = _at_least_fp32(partial.new_empty((chunk, partial.shape[1])))
-                dist.reduce_scatter_single(own, _at_least_fp32(partial), group=group)
-                grad[start:start + n] = own[:n]
+                own = partial.new_empty((chunk, partial.shape[1]))
+                dist.reduce_scatter_single(own, partial, group=group)
+                grad[start:start + n] = round_grad(own[:n], dtype, grad.dtype)
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.hidden_needs_grad = grad is not None
         return total

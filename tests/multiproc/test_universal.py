@@ -68,18 +68,27 @@ def test_adapters_resume_through_the_universal_checkpoint_with_their_weights_and
     run, one = runs[name], ones[name]
     assert (run / "checkpoints" / "step-000002" / "model" / "zero_universal").is_dir()
     # Same samples each step; one rank sums the micro-batches' gradients in another order than the
-    # reduction over two ranks does: fp32 rounding (measured: equal losses for both runs).
-    assert losses(one) == pytest.approx(losses(run)[2:], rel=1e-5)
+    # reduction over two ranks does: fp32 rounding (LoRA, fp32: equal losses for both runs). QLoRA
+    # runs in bf16, and on two ranks its frozen embedding and head are split by vocabulary rows
+    # (swiftdist/vocab_parallel.py): the logits come from matmuls of another shape, which round to
+    # bf16 differently now and then (measured 1.2e-5 relative on step 4's loss); 2e-4 is the bound
+    # bf16 runs are held to against DDP in test_sharded.py.
+    bf16 = RUNS[name][2] == "bf16"
+    assert losses(one) == pytest.approx(losses(run)[2:], rel=2e-4 if bf16 else 1e-5)
     # The state two steps after the resume (step 4) against the uninterrupted run's: fp32 master
-    # weights and both Adam moments of every adapter weight. Measured: QLoRA (zero3) equal; LoRA
-    # (zero2) within 7.5e-9 (weights ~0.1), 3.7e-9 (exp_avg ~0.04), 2.3e-10 (exp_avg_sq ~0.003).
+    # weights and both Adam moments of every adapter weight. Measured: LoRA (zero2) within 7.5e-9
+    # (weights ~0.1), 3.7e-9 (exp_avg ~0.04), 2.3e-10 (exp_avg_sq ~0.003); QLoRA (zero3) within
+    # 0.15%, 0.21% and 0.47% of each tensor's largest value (bit-equal before the split above).
     # A moment lost or reset at the resume would be off by a large part of its value: after 2 fresh
     # steps exp_avg lacks the 0.81 x m_2 it carries, exp_avg_sq the 0.998 x v_2.
     expected = universal_state(run / "checkpoints" / "step-000004")
     got = universal_state(one / "checkpoints" / "step-000004")
     assert expected.keys() == got.keys() and len(expected) == 2 * 7 * 2 * 3  # layers x linears x (A, B) x 3
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-7, msg=key)
+        if bf16:
+            assert (got[key] - expected[key]).abs().max() <= 0.02 * expected[key].abs().max(), key
+        else:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-7, msg=key)
 
 
 def copy_of_checkpoint(resumed, tmp_path):
