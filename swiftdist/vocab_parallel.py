@@ -56,8 +56,7 @@ class VocabShardedHead(_VocabRows):
         (the rows are never gathered; the logits of each rank's slice are exchanged instead).
         Collective: every rank of the group calls it (the chunked loss calls it with no positions
         and computes the loss with loss_sum)."""
-        logits = _VocabParallelLogits.apply(self, hidden.reshape(-1, hidden.shape[-1]))
-        return logits.reshape(*hidden.shape[:-1], self.vocab_size)
+        return _VocabParallelLogits.apply(self, hidden)
 
     def loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
         """Summed fp32 cross-entropy of this rank's `hidden` [positions x hidden] against `targets`,
@@ -121,7 +120,8 @@ class _VocabParallelLogits(torch.autograd.Function):
     head's backward)."""
 
     @staticmethod
-    def forward(ctx, head: VocabShardedHead, hidden: torch.Tensor):
+    def forward(ctx, head: VocabShardedHead, hidden_in: torch.Tensor):
+        hidden = hidden_in.reshape(-1, hidden_in.shape[-1])
         group = head.group
         world = dist.get_world_size(group)
         most = _most(len(hidden), group, hidden.device)
@@ -136,8 +136,13 @@ class _VocabParallelLogits(torch.autograd.Function):
         dist.all_to_all_single(theirs, local, group=group)
         del local
         ctx.head, ctx.n, ctx.most, ctx.dtype, ctx.hidden_dtype = head, len(hidden), most, theirs.dtype, hidden.dtype
-        # Block s of `theirs` is rank s's vocabulary slice at this rank's positions.
-        return theirs.view(world, most, per_rank).transpose(0, 1).reshape(most, world * per_rank)[:len(hidden), :head.vocab_size]
+        ctx.shape = hidden_in.shape
+        # Block s of `theirs` is rank s's vocabulary slice at this rank's positions. A new tensor, not
+        # a view (FSDP2 warns when a module returns a view).
+        logits = theirs.new_empty((*hidden_in.shape[:-1], head.vocab_size))
+        for rank, block in enumerate(logits.view(len(hidden), head.vocab_size).split(per_rank, dim=1)):
+            block.copy_(theirs.view(world, most, per_rank)[rank, :len(hidden), :block.shape[1]])
+        return logits
 
     @staticmethod
     def backward(ctx, grad_logits):
@@ -145,7 +150,7 @@ class _VocabParallelLogits(torch.autograd.Function):
         group, world = head.group, dist.get_world_size(head.group)
         per_rank = -(-head.vocab_size // world)
         blocks = grad_logits.new_zeros((world, ctx.most, per_rank), dtype=ctx.dtype)
-        for rank, block in enumerate(grad_logits.split(per_rank, dim=1)):
+        for rank, block in enumerate(grad_logits.reshape(ctx.n, grad_logits.shape[-1]).split(per_rank, dim=1)):
             blocks[rank, :ctx.n, :block.shape[1]] = block
         mine = torch.empty_like(blocks)
         dist.all_to_all_single(mine, blocks, group=group)
@@ -154,7 +159,7 @@ class _VocabParallelLogits(torch.autograd.Function):
         del mine
         own = partial.new_empty((ctx.most, partial.shape[1]))
         dist.reduce_scatter_single(own, partial, group=group)
-        return None, round_grad(own[:ctx.n], ctx.dtype, ctx.hidden_dtype)
+        return None, round_grad(own[:ctx.n], ctx.dtype, ctx.hidden_dtype).reshape(ctx.shape)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
