@@ -92,8 +92,8 @@ class FSDPStrategy(DCPStrategy):
         rows_kept = (False, False) if self.offload else shard_embeddings(model, mesh.get_group(), device, self._initial)
         units = [(layer, True) for layer in decoder_layers(model)]
         if split := embedding_and_head(model):
-            (embedding, embedding_kept), (head, head_kept) = zip(split, rows_kept)
-            units = [(embedding, True)] * (not embedding_kept) + units + [(head, False)] * (not head_kept)
+            (embedding, head), (embedding_kept, head_kept) = split, rows_kept
+            units = ([] if embedding_kept else [(embedding, True)]) + units + ([] if head_kept else [(head, False)])
         for unit, reshard_after_forward in units:
             if self._initial is None:
                 unit.to(device)

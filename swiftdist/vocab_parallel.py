@@ -39,12 +39,15 @@ class _VocabRows(torch.nn.Module):
         self.register_buffer("rows", rows, persistent=False)
         self.start, self.vocab_size, self.group = start, vocab_size, group
 
+    @property
+    def per_rank(self) -> int:
+        """Rows a rank holds (the last ranks fewer, padded to this wherever ranks exchange blocks)."""
+        return _rows_per_rank(self.vocab_size, dist.get_world_size(self.group))
+
     def whole(self) -> torch.Tensor:
         """The whole weight, on every rank (collective)."""
-        world = dist.get_world_size(self.group)
-        per_rank = -(-self.vocab_size // world)
-        whole = self.rows.new_empty((world * per_rank, self.rows.shape[1]))
-        dist.all_gather_single(whole, F.pad(self.rows, (0, 0, 0, per_rank - len(self.rows))), group=self.group)
+        whole = self.rows.new_empty((dist.get_world_size(self.group) * self.per_rank, self.rows.shape[1]))
+        dist.all_gather_single(whole, F.pad(self.rows, (0, 0, 0, self.per_rank - len(self.rows))), group=self.group)
         return whole[:self.vocab_size]
 
 
@@ -125,7 +128,7 @@ class _VocabParallelLogits(torch.autograd.Function):
         group = head.group
         world = dist.get_world_size(group)
         most = _most(len(hidden), group, hidden.device)
-        per_rank = -(-head.vocab_size // world)
+        per_rank = head.per_rank
         gathered = hidden.new_empty((world * most, hidden.shape[1]))
         dist.all_gather_single(gathered, F.pad(hidden, (0, 0, 0, most - len(hidden))), group=group)
         local = F.linear(gathered, head.rows)
@@ -148,7 +151,7 @@ class _VocabParallelLogits(torch.autograd.Function):
     def backward(ctx, grad_logits):
         head = ctx.head
         group, world = head.group, dist.get_world_size(head.group)
-        per_rank = -(-head.vocab_size // world)
+        per_rank = head.per_rank
         blocks = grad_logits.new_zeros((world, ctx.most, per_rank), dtype=ctx.dtype)
         for rank, block in enumerate(grad_logits.reshape(ctx.n, grad_logits.shape[-1]).split(per_rank, dim=1)):
             blocks[rank, :ctx.n, :block.shape[1]] = block
@@ -160,6 +163,10 @@ class _VocabParallelLogits(torch.autograd.Function):
         own = partial.new_empty((ctx.most, partial.shape[1]))
         dist.reduce_scatter_single(own, partial, group=group)
         return None, round_grad(own[:ctx.n], ctx.dtype, ctx.hidden_dtype).reshape(ctx.shape)
+
+
+def _rows_per_rank(vocab_size: int, world: int) -> int:
+    return -(-vocab_size // world)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -224,7 +231,7 @@ class VocabShardedEmbedding(_VocabRows):
         dist.all_gather_single(every, F.pad(flat, (0, most - len(flat)), value=-1), group=group)
         wanted = torch.unique(every)  # sorted, so each rank's range is one run of it
         wanted = wanted[wanted >= 0]
-        per_rank = -(-self.vocab_size // world)
+        per_rank = self.per_rank
         bounds = torch.searchsorted(wanted, torch.arange(world + 1, device=ids.device) * per_rank)
         counts = bounds.diff()
         width = int(counts.max())
@@ -296,7 +303,7 @@ def shard_embeddings(model: torch.nn.Module, group: dist.ProcessGroup, device: t
     def rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         if id(weight) not in rows_of:
             vocab_size = weight.shape[0]
-            per_rank = -(-vocab_size // world)
+            per_rank = _rows_per_rank(vocab_size, world)
             start = min(dist.get_rank(group) * per_rank, vocab_size)
             stop = min(start + per_rank, vocab_size)
             if weight.is_meta:
