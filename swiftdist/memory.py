@@ -44,8 +44,11 @@ class ModelStats:
     """Weights stored in 4 bits (QLoRA: every linear layer but the output head)."""
     n_layers: int
     layer_params: int
-    """Parameters of one decoder layer: what FSDP and ZeRO-3 gather at a time."""
+    """Parameters of one decoder layer: what ZeRO-3 gathers at a time."""
     layer_trainable: int
+    unit_params: int
+    """Parameters of the largest FSDP unit (a decoder layer's attention or MLP): what FSDP gathers at a time."""
+    unit_trainable: int
     hidden_size: int
     weight_bytes: int
     """Bytes per frozen (non-quantized) weight as loaded: 2 for bf16, 4 for fp32."""
@@ -160,6 +163,7 @@ def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int
         "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "quantized": n_quantized,
+        **_largest_fsdp_unit(model),
     }
     # Fake CPU tensors rather than bare meta ones: transformers skips its data-dependent mask checks
     # for them, and attention dispatches to the fused kernel (no seq x seq matrix), as on a GPU.
@@ -172,6 +176,19 @@ def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int
         loss = labelled_loss_sum(model, output_head(model), {"input_ids": ids}, *positions, loss_chunk_size)
     del loss
     return {**counts, "activations": totals["peak"], "offloadable": totals["offloadable"]}
+
+
+def _largest_fsdp_unit(model: torch.nn.Module) -> dict[str, int]:
+    from swiftdist.strategies.fsdp import decoder_layers, layer_units
+
+    try:
+        units = [unit for layer in decoder_layers(model) for unit in layer_units(layer)]
+    except SwiftdistError:  # no decoder layer class named: FSDP refuses such a model
+        return {"unit_params": 0, "unit_trainable": 0}
+    sizes = [(sum(p.numel() for p in u.parameters()), sum(p.numel() for p in u.parameters() if p.requires_grad))
+             for u in units]
+    params, trainable = max(sizes)
+    return {"unit_params": params, "unit_trainable": trainable}
 
 
 def model_stats(model: str, model_cfg: ModelConfig, precision: str, seq_len: int, micro_batch: int,
@@ -189,14 +206,15 @@ def model_stats(model: str, model_cfg: ModelConfig, precision: str, seq_len: int
             for n in range(1, k + 2)]
     # Layer j (0-based) is the one added going from j to j + 1 layers; layers j and j + k are alike.
     whole = {key: runs[0][key] + sum(runs[(j - 1) % k + 1][key] - runs[(j - 1) % k][key] for j in range(1, n_layers))
-             for key in runs[0]}
+             for key in ("params", "trainable", "quantized", "activations", "offloadable")}
     one, two = runs[0], runs[1]
     weight = weight_dtype(model_cfg, precision).itemsize
     offloaded = whole["offloadable"] if model_cfg.activation_offload else 0
     return ModelStats(
         n_params=whole["params"], n_trainable=whole["trainable"], n_quantized=whole["quantized"],
         n_layers=n_layers, layer_params=two["params"] - one["params"],
-        layer_trainable=two["trainable"] - one["trainable"], hidden_size=hf_config.hidden_size,
+        layer_trainable=two["trainable"] - one["trainable"], unit_params=one["unit_params"],
+        unit_trainable=one["unit_trainable"], hidden_size=hf_config.hidden_size,
         weight_bytes=weight, trainable_bytes=4 if model_cfg.train_type != "full" else weight,
         compute_bytes=compute.itemsize, activations=whole["activations"] - offloaded, offloaded=offloaded,
     )

@@ -1,6 +1,7 @@
 """How --strategy fsdp cuts a model into fully_shard units (strategies/fsdp.py), on one in-process rank:
-an untied embedding and LM head are units of their own, tied ones stay in the root, and the head
-stays gathered from its forward to its backward under both forms of the training loss.
+each decoder layer's attention and MLP are units (its norms stay in the root), an untied embedding
+and LM head are units of their own, tied ones stay in the root, and the head stays gathered from
+its forward to its backward under both forms of the training loss.
 (Losses and grad norms against DDP on 2 ranks: tests/multiproc/test_fsdp_units.py.)"""
 
 import pytest
@@ -11,6 +12,7 @@ from torch.distributed.tensor import DTensor
 from swiftdist.config import parse_config
 from swiftdist.loss import output_head, token_loss_sum
 from swiftdist.strategies import get_strategy_class
+from swiftdist.strategies.fsdp import decoder_layers
 
 
 def wrapped(path, train_type: str):
@@ -26,6 +28,19 @@ def wrapped(path, train_type: str):
 def gathered(module: torch.nn.Module) -> bool:
     """FSDP2 swaps a unit's sharded DTensor parameters for plain unsharded tensors while it is gathered."""
     return not any(isinstance(p, DTensor) for p in module.parameters())
+
+
+@pytest.mark.parametrize("train_type", ["full", "lora"])
+def test_each_layers_attention_and_mlp_are_units_and_its_norms_stay_in_the_root(tiny_qwen2, process_group, train_type):
+    model = wrapped(tiny_qwen2, train_type)
+    layers = decoder_layers(model)
+    assert layers and all(isinstance(layer.self_attn, FSDPModule) and isinstance(layer.mlp, FSDPModule)
+                          and not isinstance(layer, FSDPModule) for layer in layers)
+    in_units = {id(p) for m in model.modules() if isinstance(m, FSDPModule) and m is not model for p in m.parameters()}
+    norms = [p for layer in layers for name in ("input_layernorm", "post_attention_layernorm")
+             for p in getattr(layer, name).parameters()]
+    assert norms and not any(id(p) in in_units for p in norms)
+    assert isinstance(model, FSDPModule) and all(isinstance(p, DTensor) for p in norms)  # sharded by the root
 
 
 @pytest.mark.parametrize("train_type", ["full", "lora"])

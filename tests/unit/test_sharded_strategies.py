@@ -292,6 +292,17 @@ def test_sharding_divides_the_state_and_offload_moves_it_to_the_host(tiny_llama)
         assert parts["params"] == parts["grads"] == parts["optimizer"] == 0 and parts["host"] > 0
 
 
+def test_fsdp_counts_its_largest_unit_the_mlp_not_the_whole_layer(tiny_llama):
+    import json
+
+    from swiftdist.memory import estimate
+
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    stats = _stats(tiny_llama, "full", precision="fp32")
+    assert stats.unit_params == stats.unit_trainable == 3 * cfg["hidden_size"] * cfg["intermediate_size"]
+    assert estimate(stats, "fsdp", 2)["buffers"] == 3 * stats.unit_params * 4
+
+
 # ---- auto ---------------------------------------------------------------------------------------
 
 
