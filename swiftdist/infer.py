@@ -43,6 +43,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
+    from swiftdist.distributed import setup_logging
+
+    setup_logging(0)  # answers without library progress bars and deprecation notices between them
     lm, tokenizer = load_for_inference(args.model, args.adapter, args.trust_remote_code)
     if args.prompt:
         for prompt in args.prompt:
