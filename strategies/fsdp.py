@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from swiftdist.errors import SwiftdistError
 from swiftdist.host_memory import InPlaceAllGather, return_large_blocks_to_the_os
+from swiftdist.model import count_params
 from swiftdist.sharded_load import InitialValues, load_empty
 from swiftdist.strategies.base import build_optimizer
 from swiftdist.strategies.dcp import DCPStrategy
@@ -44,8 +45,8 @@ def layer_units(layer: torch.nn.Module) -> list[torch.nn.Module]:
     unsharded parameters FSDP2 copies it into exist together, beside the previous unit, so the peak
     holds two to three copies of the largest unit (1.07B Llama LoRA, fp32, 2 ranks, CPU: peak RSS
     3.37 -> 3.19 GiB, the same step time). A layer with no such child is one unit."""
-    total = sum(p.numel() for p in layer.parameters())
-    blocks = [child for child in layer.children() if sum(p.numel() for p in child.parameters()) >= total / 100]
+    total = count_params(layer)[1]
+    blocks = [child for child in layer.children() if count_params(child)[1] >= total / 100]
     return blocks or [layer]
 
 

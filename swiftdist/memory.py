@@ -179,15 +179,14 @@ def _measure(hf_config, model_cfg: ModelConfig, dtype: torch.dtype, seq_len: int
 
 
 def _largest_fsdp_unit(model: torch.nn.Module) -> dict[str, int]:
+    from swiftdist.model import count_params
     from swiftdist.strategies.fsdp import decoder_layers, layer_units
 
     try:
         units = [unit for layer in decoder_layers(model) for unit in layer_units(layer)]
     except SwiftdistError:  # no decoder layer class named: FSDP refuses such a model
         return {"unit_params": 0, "unit_trainable": 0}
-    sizes = [(sum(p.numel() for p in u.parameters()), sum(p.numel() for p in u.parameters() if p.requires_grad))
-             for u in units]
-    params, trainable = max(sizes)
+    trainable, params = max((count_params(unit) for unit in units), key=lambda counts: (counts[1], counts[0]))
     return {"unit_params": params, "unit_trainable": trainable}
 
 
